@@ -1,0 +1,1 @@
+"""Turn a Llama / Mistral / Qwen2 checkpoint into a Multi-head Latent Attention model."""
