@@ -32,8 +32,9 @@ class MlaConfig(PreTrainedConfig):
     RoPE schedule: `rope_parameters` is the schedule of the model the frequencies come from (`rope_type` default,
     linear, llama3 or yarn, with its `rope_theta` and scaling fields), defined over a head of `rope_source_dim`
     dimensions (`rope_source_dim // 2` frequency pairs). `rope_frequency_indices[r]` lists which of those pairs the
-    r-th RoPE head keeps, in the order its `qk_rope_head_dim // 2` rotated pairs use them. With both left at None the
-    schedule is DeepSeek's plain one: all pairs of a `qk_rope_head_dim`-wide schedule.
+    r-th RoPE head keeps, in the order its `qk_rope_head_dim // 2` rotated pairs use them; a list of such lists, one
+    per layer, lets each layer keep its own pairs. With both left at None the schedule is DeepSeek's plain one: all
+    pairs of a `qk_rope_head_dim`-wide schedule.
 
     softmax_scale: the scale of the attention logits; None means `(qk_nope_head_dim + qk_rope_head_dim) ** -0.5`.
     A converted model keeps its source's `head_dim ** -0.5`. The RoPE schedule's attention factor (yarn) multiplies
@@ -87,7 +88,7 @@ class MlaConfig(PreTrainedConfig):
     kv_b_proj_bias: bool = False
     o_proj_bias: bool = False
     rope_source_dim: int | None = None
-    rope_frequency_indices: list[list[int]] | None = None
+    rope_frequency_indices: list[list[int]] | list[list[list[int]]] | None = None
     softmax_scale: float | None = None
     attention_path: str = "auto"
 
@@ -130,21 +131,31 @@ class MlaConfig(PreTrainedConfig):
         if self.rope_source_dim % 2 or self.rope_source_dim < 2:
             raise ValueError(f"rope_source_dim must be a positive even number, got {self.rope_source_dim}.")
         indices = self.rope_frequency_indices
+        per_layer = bool(indices) and bool(indices[0]) and isinstance(indices[0][0], (list, tuple))
+        if per_layer and len(indices) != self.num_hidden_layers:
+            raise ValueError(
+                f"rope_frequency_indices holds {len(indices)} per-layer selections for {self.num_hidden_layers} layers."
+            )
+        for layer, layer_indices in enumerate(indices if per_layer else [indices]):
+            where = f"rope_frequency_indices[{layer}]" if per_layer else "rope_frequency_indices"
+            self._check_rope_selection(layer_indices, where)
+
+    def _check_rope_selection(self, indices, where):
         if indices is None or len(indices) != self.num_rope_heads:
             raise ValueError(
-                f"rope_frequency_indices must hold one list per RoPE head ({self.num_rope_heads}), got "
+                f"{where} must hold one list per RoPE head ({self.num_rope_heads}), got "
                 f"{None if indices is None else len(indices)} lists."
             )
         n_pairs = self.rope_source_dim // 2
         for r, idx in enumerate(indices):
             if len(idx) != self.qk_rope_head_dim // 2:
                 raise ValueError(
-                    f"rope_frequency_indices[{r}] has {len(idx)} entries; each RoPE head rotates "
+                    f"{where}[{r}] has {len(idx)} entries; each RoPE head rotates "
                     f"qk_rope_head_dim // 2 = {self.qk_rope_head_dim // 2} pairs."
                 )
             if len(set(idx)) != len(idx) or not all(0 <= int(i) < n_pairs for i in idx):
                 raise ValueError(
-                    f"rope_frequency_indices[{r}] must be distinct pair indices in [0, {n_pairs}) "
+                    f"{where}[{r}] must be distinct pair indices in [0, {n_pairs}) "
                     f"(rope_source_dim={self.rope_source_dim}), got {list(idx)}."
                 )
 

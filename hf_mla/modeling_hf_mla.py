@@ -62,39 +62,49 @@ class _RopeSchedule:
         pass
 
 
-def compute_mla_inv_freq(config: MlaConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies kept by each RoPE head, (num_rope_heads, qk_rope_head_dim // 2), and the schedule's
-    attention factor. Computed exactly as the source model computes its own schedule, then indexed, so that a
-    converted model rotates by bit-identical angles."""
+def compute_source_inv_freq(config: MlaConfig) -> tuple[torch.Tensor, float]:
+    """The full schedule, (rope_source_dim // 2,) inverse frequencies, and its attention factor, computed exactly as
+    the source model computes its own, so that a converted model rotates its kept pairs by bit-identical angles."""
     params = config.rope_parameters
-    rope_type = params.get("rope_type", "default")
     dim = config.rope_source_dim
-    if rope_type == "default":
+    if params.get("rope_type", "default") == "default":
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        attention_factor = 1.0
-    else:
-        inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](_RopeSchedule(config))
-    index = torch.tensor(config.rope_frequency_indices, dtype=torch.long)  # (R, d_r/2)
-    return inv_freq.float()[index], float(attention_factor)
+        return inv_freq, 1.0
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](_RopeSchedule(config))
+    return inv_freq.float(), float(attention_factor)
+
+
+def rope_frequency_index(config: MlaConfig, layer_idx: int) -> torch.Tensor:
+    """Which schedule pairs a layer's RoPE heads keep, (num_rope_heads, qk_rope_head_dim // 2)."""
+    indices = config.rope_frequency_indices
+    if isinstance(indices[0][0], list):  # one selection per layer
+        indices = indices[layer_idx]
+    return torch.tensor(indices, dtype=torch.long)
+
+
+def compute_mla_inv_freq(config: MlaConfig, layer_idx: int = 0) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of a layer's RoPE heads, (num_rope_heads, qk_rope_head_dim // 2), and the attention factor."""
+    inv_freq, attention_factor = compute_source_inv_freq(config)
+    return inv_freq[rope_frequency_index(config, layer_idx)], attention_factor
 
 
 class MlaRotaryEmbedding(nn.Module):
-    """cos/sin per RoPE head. The schedule's attention factor is not folded into cos/sin as Llama does: with
-    position-free dimensions beside the rotated ones, it must scale the whole logit (see `MlaAttention.scaling`)."""
+    """Angles of the whole source schedule; each layer picks the pairs its RoPE heads keep (layers may keep different
+    ones). The schedule's attention factor is not folded into cos/sin as Llama does: with position-free dimensions
+    beside the rotated ones it must scale the whole logit (see `MlaAttention.scaling`)."""
 
-    inv_freq: torch.Tensor  # (R, d_r/2)
+    inv_freq: torch.Tensor  # (rope_source_dim // 2,)
 
     def __init__(self, config: MlaConfig):
         super().__init__()
         self.config = config
-        inv_freq, self.attention_factor = compute_mla_inv_freq(config)
+        inv_freq, self.attention_factor = compute_source_inv_freq(config)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None, None].float() * self.inv_freq.to(x.device)  # (B, T, R, d_r/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, R, d_r)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, rope_source_dim / 2)
+        return freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
 
 
 def rotate_half(x):
@@ -104,6 +114,8 @@ def rotate_half(x):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotate-half layout: pair i is (x[i], x[i + d/2]); cos/sin hold one angle per pair."""
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
     return x * cos + rotate_half(x) * sin
 
 
@@ -169,7 +181,8 @@ class MlaAttention(nn.Module):
         self.num_key_value_groups = 1  # keys are materialized per head
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        factor = compute_mla_inv_freq(config)[1]
+        self.rope_index = nn.Buffer(rope_frequency_index(config, layer_idx), persistent=False)  # (R, dr/2)
+        factor = compute_source_inv_freq(config)[1]
         scale = config.softmax_scale if config.softmax_scale is not None else self.qk_head_dim**-0.5
         self.scaling = scale * factor**2
 
@@ -226,7 +239,7 @@ class MlaAttention(nn.Module):
             c_kv = self.kv_a_layernorm(c_kv)
         k_rope = k_rope.view(B, T, R, dr)  # (B, T, R, dr)
 
-        cos, sin = position_embeddings  # (B, T, R, dr)
+        cos, sin = (t[..., self.rope_index] for t in position_embeddings)  # (B, T, R, dr/2)
         q_rope = apply_rotary(q_rope.view(B, T, R, H // R, dr), cos.unsqueeze(3), sin.unsqueeze(3))
         k_rope = apply_rotary(k_rope, cos, sin)
 
@@ -378,7 +391,9 @@ class MlaPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, MlaRotaryEmbedding):
-            init.copy_(module.inv_freq, compute_mla_inv_freq(module.config)[0])
+            init.copy_(module.inv_freq, compute_source_inv_freq(module.config)[0])
+        elif isinstance(module, MlaAttention):
+            init.copy_(module.rope_index, rope_frequency_index(module.config, module.layer_idx))
 
 
 class MlaModel(MlaPreTrainedModel):

@@ -23,7 +23,7 @@ VARIANTS = {
         num_rope_heads=4, rope_source_dim=16, softmax_scale=0.3,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 32},
-        rope_frequency_indices=[[0, 5], [7, 1], [2, 3], [6, 4]],
+        rope_frequency_indices=[[[0, 5], [7, 1], [2, 3], [6, 4]], [[1, 2], [0, 7], [5, 3], [4, 6]]],  # per layer
     ),
 }  # fmt: skip
 
