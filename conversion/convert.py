@@ -1,0 +1,292 @@
+"""`convert`: a Llama / Mistral / Qwen2 checkpoint in, a complete hf_mla checkpoint out.
+
+Layers are streamed one at a time: read the source layer's tensors, calibrate on the hidden states produced by the
+layers already converted, convert, write the layer's tensors into the current shard, run the converted layer to get
+the next layer's inputs. Peak memory is one layer plus the calibration hidden states, never the whole model.
+"""
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+import hf_mla
+
+from .attention import AttentionPlan, convert_attention, rope_layout
+from .calibrate import input_covariance, layer_config, run_layer
+from .export import ShardWriter, atomic_output_dir, check_output_dir, copy_remote_code, parse_size
+from .rope import AUTO_STRATEGY, STRATEGIES
+from .sources import Source, SourceError, open_source
+
+
+logger = logging.get_logger(__name__)
+
+ROPE_HEADS = ("shared", "per-kv-head")
+
+
+def source_dims(config) -> tuple[int, int, int]:
+    """(query heads, KV heads, head_dim) of a source config."""
+    H = config.num_attention_heads
+    K = getattr(config, "num_key_value_heads", None) or H
+    D = getattr(config, "head_dim", None) or config.hidden_size // H
+    return H, K, D
+
+
+def plan_attention(
+    config, *, kv_budget=None, kv_lora_rank=None, rope_dim=None, rope_heads="shared", rope_selection="auto",
+    factorization="activation", rope_context=2048, key_weight=1.0,
+) -> tuple[AttentionPlan, dict]:  # fmt: skip
+    """Resolve the user's budget into latent width and RoPE width, or say clearly why it cannot be done.
+
+    Budget = cached values per token per layer / the source's (2 * kv_heads * head_dim). By default a third of it
+    goes to RoPE keys (capped at half a head of pairs for the shared key), the rest to the latent: the split
+    benchmarks/quality.py found best at 1/2 to 1/8 on SmolLM2.
+    """
+    H, K, D = source_dims(config)
+    source_width = 2 * K * D
+    if rope_heads not in ROPE_HEADS:
+        raise ValueError(f"rope_heads is {rope_heads!r}; choose one of {ROPE_HEADS}.")
+    selection = AUTO_STRATEGY if rope_selection == "auto" else rope_selection
+    if selection not in STRATEGIES:
+        raise ValueError(f"rope_selection is {rope_selection!r}; choose 'auto' or one of {STRATEGIES}.")
+    if factorization not in ("weight", "activation"):
+        raise ValueError(f"factorization is {factorization!r}; choose 'weight' or 'activation'.")
+    R = 1 if rope_heads == "shared" else K
+    if kv_budget is not None and kv_lora_rank is not None and rope_dim is not None:
+        raise ValueError("give either --kv-budget or --kv-lora-rank with --rope-dim, not all three.")
+    if kv_budget is not None:
+        if not 0 < kv_budget < 1:
+            raise ValueError(f"kv_budget is {kv_budget}; it is a fraction of the source's KV cache, in (0, 1).")
+        total = int(round(kv_budget * source_width))
+        if rope_dim is None:
+            rope_dim = min(D, max(2, 2 * int(total / 3 / R / 2)))
+        kv_lora_rank = total - R * rope_dim if kv_lora_rank is None else kv_lora_rank
+    if kv_lora_rank is None or rope_dim is None:
+        raise ValueError("give --kv-budget (e.g. 0.25), or both --kv-lora-rank and --rope-dim.")
+    if rope_dim < 2 or rope_dim % 2 or rope_dim > D:
+        raise ValueError(f"rope_dim is {rope_dim}; it must be even, between 2 and the source head_dim ({D}).")
+    _, dn = rope_layout(AttentionPlan(rope_heads, rope_dim, 1, selection, factorization), n_heads=H, n_kv_heads=K,
+                        head_dim=D)  # fmt: skip
+    max_rank = min(K * (dn + D), config.hidden_size)
+    if kv_lora_rank < 1:
+        raise ValueError(
+            f"the budget leaves no room for the latent: {R} RoPE key(s) of {rope_dim} already take "
+            f"{R * rope_dim} of the {total if kv_budget else kv_lora_rank + R * rope_dim} values. Raise --kv-budget "
+            "or lower --rope-dim."
+        )
+    if kv_lora_rank > max_rank:
+        raise ValueError(
+            f"kv_lora_rank {kv_lora_rank} exceeds what this model's keys and values can use ({max_rank}); a budget "
+            f"this large saves nothing. Use a smaller --kv-budget (at most {(max_rank + R * rope_dim) / source_width:.3f})."
+        )
+    plan = AttentionPlan(rope_heads, rope_dim, kv_lora_rank, selection, factorization, rope_context, key_weight)
+    width = kv_lora_rank + R * rope_dim
+    budget = {
+        "source_values_per_token_per_layer": source_width,
+        "mla_values_per_token_per_layer": width,
+        "kv_budget_reached": width / source_width,
+        "kv_lora_rank": kv_lora_rank,
+        "num_rope_heads": R,
+        "qk_rope_head_dim": rope_dim,
+        "qk_nope_head_dim": dn,
+    }
+    return plan, budget
+
+
+def calibration_ids(source: Source, calibration, *, tokens: int, seq_len: int, model=None) -> tuple[torch.Tensor, dict]:
+    """Token ids (N, seq_len) to calibrate on: the user's text, or text the source model samples itself."""
+    from .data import load_texts, pack_tokens, sample_texts_from_model
+
+    tokenizer = source.load_tokenizer()
+    if calibration:
+        texts = load_texts(calibration)
+        ids = pack_tokens(tokenizer, texts, seq_len=seq_len, max_tokens=tokens)
+        return ids, {"source": [str(c) for c in calibration], "tokens": int(ids.numel()), "seq_len": seq_len}
+    logger.warning("No calibration text given: calibrating on text sampled from the source model itself.")
+    model = model or source.load_model()
+    ids = sample_texts_from_model(model, tokenizer, n_sequences=max(1, tokens // seq_len), seq_len=seq_len)
+    return ids, {"source": "sampled from the source model", "tokens": int(ids.numel()), "seq_len": seq_len}
+
+
+def _layer_names(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {
+        "q_proj.weight": p + "self_attn.q_proj.weight", "k_proj.weight": p + "self_attn.k_proj.weight",
+        "v_proj.weight": p + "self_attn.v_proj.weight", "o_proj.weight": p + "self_attn.o_proj.weight",
+        "q_proj.bias": p + "self_attn.q_proj.bias", "k_proj.bias": p + "self_attn.k_proj.bias",
+        "v_proj.bias": p + "self_attn.v_proj.bias", "o_proj.bias": p + "self_attn.o_proj.bias",
+    }  # fmt: skip
+
+
+def mla_config_kwargs(config, budget: dict, dtype: torch.dtype, has_bias: dict) -> dict:
+    H, K, D = source_dims(config)
+    rope_parameters = dict(config.rope_parameters)
+    rope_parameters.pop("partial_rotary_factor", None)
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=H,
+        hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings,
+        initializer_range=getattr(config, "initializer_range", 0.02),
+        rms_norm_eps=config.rms_norm_eps,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=getattr(config, "pad_token_id", None),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        rope_parameters=rope_parameters,
+        attention_dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        kv_lora_rank=budget["kv_lora_rank"],
+        q_lora_rank=None,
+        qk_nope_head_dim=budget["qk_nope_head_dim"],
+        qk_rope_head_dim=budget["qk_rope_head_dim"],
+        v_head_dim=D,
+        num_rope_heads=budget["num_rope_heads"],
+        latent_norm=False,
+        q_proj_bias=has_bias["q"],
+        kv_a_proj_bias=has_bias["k"],
+        kv_b_proj_bias=False,
+        o_proj_bias=has_bias["v"] or has_bias["o"],
+        rope_source_dim=D,
+        softmax_scale=D**-0.5,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def convert(
+    source,
+    output_dir,
+    *,
+    kv_budget: float | None = None,
+    kv_lora_rank: int | None = None,
+    rope_dim: int | None = None,
+    rope_heads: str = "shared",
+    rope_selection: str = "auto",
+    factorization: str = "activation",
+    calibration=None,
+    calibration_tokens: int = 16384,
+    calibration_seq_len: int = 512,
+    rope_context: int = 2048,
+    key_weight: float = 1.0,
+    dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    max_shard_size: int | str = "2GB",
+    progress: bool = True,
+) -> dict:
+    """Convert `source` (folder, .gguf file or Hub id) to an hf_mla checkpoint in `output_dir`; returns the report
+    that is also written as conversion_report.json."""
+    t0 = time.time()
+    check_output_dir(output_dir, overwrite)  # fail before any heavy work
+    src = source if isinstance(source, Source) else open_source(
+        source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )  # fmt: skip
+    cfg = src.config
+    H, K, D = source_dims(cfg)
+    plan, budget = plan_attention(
+        cfg, kv_budget=kv_budget, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, rope_heads=rope_heads,
+        rope_selection=rope_selection, factorization=factorization, rope_context=rope_context, key_weight=key_weight,
+    )  # fmt: skip
+    out_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or src.dtype)
+    names = set(src.tensor_names())
+    has_bias = {k: _layer_names(0)[f"{k}_proj.bias"] in names for k in "qkvo"}
+    base_kwargs = mla_config_kwargs(cfg, budget, out_dtype, has_bias)
+    inv_freq = hf_mla.modeling_hf_mla.compute_source_inv_freq(
+        hf_mla.MlaConfig(**{**base_kwargs, "num_hidden_layers": 1, "rope_frequency_indices": None,
+                            "qk_rope_head_dim": 2, "num_rope_heads": 1})  # fmt: skip
+    )[0]
+
+    needs_stats = plan.factorization == "activation" or plan.selection in ("2norm", "rotation")
+    calib_info, h = None, None
+    if needs_stats:
+        ids, calib_info = calibration_ids(src, calibration, tokens=calibration_tokens, seq_len=calibration_seq_len)
+        h = torch.nn.functional.embedding(ids, src.get("model.embed_tokens.weight").float())  # (N, T, d)
+    t_calib = time.time() - t0
+
+    layers_report = []
+    eps = cfg.rms_norm_eps
+    n_layers = cfg.num_hidden_layers
+    layer_bytes = [sum(src.nbytes(n) for n in names if n.startswith(f"model.layers.{i}.")) for i in range(n_layers)]
+    with atomic_output_dir(output_dir, overwrite) as tmp:
+        writer = ShardWriter(tmp, parse_size(max_shard_size))
+        bar = tqdm(total=sum(layer_bytes), unit="B", unit_scale=True, desc="Converting layers", disable=not progress)
+        for i in range(n_layers):
+            t_layer = time.time()
+            prefix = f"model.layers.{i}."
+            get = {k: src.get(v) for k, v in _layer_names(i).items() if v in names}
+            ln1 = src.get(prefix + "input_layernorm.weight")
+            sigma = input_covariance(h, ln1.float(), eps) if needs_stats else None
+            conv = convert_attention(
+                get["q_proj.weight"], get["k_proj.weight"], get["v_proj.weight"], get["o_proj.weight"],
+                sigma, inv_freq, plan,
+                n_heads=H, n_kv_heads=K, head_dim=D, bq=get.get("q_proj.bias"), bk=get.get("k_proj.bias"),
+                bv=get.get("v_proj.bias"), bo=get.get("o_proj.bias"),
+            )  # fmt: skip
+            state = {f"self_attn.{k}": v for k, v in conv.tensors.items()}
+            for n in sorted(names):
+                if n.startswith(prefix) and ".self_attn." not in n:
+                    state[n[len(prefix) :]] = src.get(n)
+            if needs_stats:
+                h = run_layer(layer_config(base_kwargs, conv.pairs, conv.qk_nope_head_dim), state, h)
+            for k, v in state.items():
+                writer.add(prefix + k, v.to(out_dtype))
+            layers_report.append({
+                "layer": i, "rope_pairs": conv.pairs, "retained_energy": round(conv.retained, 6),
+                "seconds": round(time.time() - t_layer, 3),
+            })  # fmt: skip
+            bar.update(layer_bytes[i])
+            bar.set_postfix(layer=i, retained=f"{conv.retained:.3f}")
+        bar.close()
+        for n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            if n in names and not (n == "lm_head.weight" and base_kwargs["tie_word_embeddings"]):
+                writer.add(n, src.get(n).to(out_dtype))
+        if "lm_head.weight" not in names and not base_kwargs["tie_word_embeddings"]:
+            base_kwargs["tie_word_embeddings"] = True  # the source ties by omission
+        writer.finish()
+
+        config = hf_mla.MlaConfig(**{**base_kwargs, "rope_frequency_indices": [r["rope_pairs"] for r in layers_report]})
+        copy_remote_code(tmp, config)
+        config.save_pretrained(tmp)
+        src.save_tokenizer(tmp)
+        report = {
+            "source": str(getattr(src, "path", source)),
+            "source_architecture": (cfg.architectures or [type(cfg).__name__])[0],
+            "settings": {**asdict(plan), "dtype": str(out_dtype), "requested_kv_budget": kv_budget},
+            "budget": budget,
+            "calibration": calib_info,
+            "layers": layers_report,
+            "mean_retained_energy": sum(r["retained_energy"] for r in layers_report) / n_layers,
+            "timings": {"calibration_data_s": round(t_calib, 2), "total_s": round(time.time() - t0, 2)},
+            "peak_rss_mb": _peak_rss_mb(),
+            "versions": _versions(),
+        }
+        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.info(f"Wrote {output_dir} in {report['timings']['total_s']} s")
+    return report
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _versions() -> dict:
+    import safetensors
+    import transformers
+
+    return {
+        "hf_mla": hf_mla.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__, "python": platform.python_version(),
+    }  # fmt: skip
