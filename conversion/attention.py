@@ -46,13 +46,16 @@ def convert_attention(
     wq, wk, wv, wo, sigma, inv_freq, plan: AttentionPlan, *, n_heads, n_kv_heads, head_dim,
     bq=None, bk=None, bv=None, bo=None,
 ) -> ConvertedAttention:  # fmt: skip
-    """`sigma` is E[x x^T] of the layer's attention input (after input_layernorm); None for weight-only mode."""
+    """`sigma` is E[x~ x~^T] of the layer's attention input x = input_layernorm(h), augmented with a constant 1
+    (x~ = [x; 1], so that query/key biases weigh in where they matter); None for weight-only mode."""
     H, K, D = n_heads, n_kv_heads, head_dim
     G, half, n = H // K, D // 2, plan.rope_dim // 2
     d = wq.shape[1]
     wq, wk, wv, wo = (t.double() for t in (wq, wk, wv, wo))
     bq, bk, bv, bo = (None if t is None else t.double() for t in (bq, bk, bv, bo))
-    stats = sigma.double() if sigma is not None else torch.eye(d, dtype=torch.float64)
+    stats_aug = sigma.double() if sigma is not None else torch.eye(d + 1, dtype=torch.float64)
+    stats = stats_aug[:d, :d]
+    wq_aug, wk_aug = with_bias(wq, bq), with_bias(wk, bk)  # (rows, d + 1)
     wq_h = wq.view(H, D, d)  # (H, D, d)
     wk_g = wk.view(K, D, d)  # (K, D, d)
     shared = plan.rope_heads == "shared"
@@ -62,7 +65,7 @@ def convert_attention(
         pairs = select_pairs(None, n_keep=n, half=half, strategy="uniform", n_groups=1 if shared else K)
     else:
         scores = pair_scores(
-            wq, wk, stats, n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
+            wq_aug, wk_aug, stats_aug, n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
             strategy=plan.selection, context=plan.context,
         )  # (K, D/2) fmt: skip
         if shared:
@@ -74,7 +77,7 @@ def convert_attention(
     if shared:
         kept = torch.tensor(pairs[0])
         rest = torch.tensor(sorted(set(range(half)) - set(pairs[0])), dtype=torch.long)
-        a, c = shared_key_mixing(wk, wq, stats, pairs[0], n_heads=H, n_kv_heads=K, head_dim=D)  # (n, K) each
+        a, c = shared_key_mixing(wk_aug, wq_aug, stats_aug, pairs[0], n_heads=H, n_kv_heads=K, head_dim=D)  # (n, K)
         a2, c2 = torch.cat([a, a]), torch.cat([c, c])  # (2n, K): both dims of a pair share the mixing
         kept_rows, nope_order = pair_rows(kept, D), torch.cat([pair_rows(rest, D), pair_rows(kept, D)])
         shared_key = torch.einsum("rg,grd->rd", a2, wk_g[:, kept_rows])  # (2n, d)
@@ -111,7 +114,8 @@ def convert_attention(
     target = torch.cat([w_knope, wv])  # (K * (dn + D), d)
     metric = None
     if plan.factorization == "activation":
-        metric = joint_metric(q_proj, w_knope, wv, wo, stats, H=H, K=K, D=D, dn=dn, dr=plan.rope_dim,
+        q_proj_aug = with_bias(q_proj, torch.cat(q_bias) if bq is not None else None)
+        metric = joint_metric(q_proj_aug, stats_aug, w_knope, wv, wo, stats, H=H, K=K, D=D, dn=dn, dr=plan.rope_dim,
                               key_weight=plan.key_weight)  # fmt: skip
     elif plan.factorization != "weight":
         raise ValueError(f"unknown factorization {plan.factorization!r}; choose 'weight' or 'activation'")
@@ -145,18 +149,24 @@ def convert_attention(
     return ConvertedAttention(tensors, pairs, dn, retained)
 
 
-def joint_metric(q_proj, w_knope, wv, wo, sigma, *, H, K, D, dn, dr, key_weight):
+def with_bias(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """[w b]: the affine map as a linear one on x~ = [x; 1]."""
+    return torch.cat([w, (b if b is not None else w.new_zeros(w.shape[0]))[:, None]], dim=1)
+
+
+def joint_metric(q_proj_aug, sigma_aug, w_knope, wv, wo, sigma, *, H, K, D, dn, dr, key_weight):
     """Block-diagonal error metric of the stacked [NoPE keys; values]: a key error e costs E_q (q . e)^2 = e^T S_q e
-    summed over the group's query heads; a value error costs |o_proj e|^2 summed over the group's heads. Each block
-    is normalised by the energy it weighs, so that neither keys nor values dominate the shared latent."""
+    summed over the group's query heads; a value error e reaches the output as (sum of the group's o_proj blocks) e
+    when the group's heads attend alike, which beats weighting each head's block apart (benchmarks/quality.py).
+    Each block is normalised by the energy it weighs, so that neither keys nor values dominate the shared latent."""
     G = H // K
     blocks_k, blocks_v = [], []
-    q_nope = q_proj.view(H, dn + dr, -1)[:, :dn]  # (H, dn, d)
+    q_nope = q_proj_aug.view(H, dn + dr, -1)[:, :dn]  # (H, dn, d + 1): the query bias is part of the query
     for g in range(K):
-        qg = q_nope[g * G : (g + 1) * G]  # (G, dn, d)
-        blocks_k.append(torch.einsum("hid,de,hje->ij", qg, sigma, qg))  # (dn, dn)
-        wo_g = wo.view(wo.shape[0], H, D)[:, g * G : (g + 1) * G]  # (d_out, G, D)
-        blocks_v.append(torch.einsum("ohi,ohj->ij", wo_g, wo_g))  # (D, D)
+        qg = q_nope[g * G : (g + 1) * G]  # (G, dn, d + 1)
+        blocks_k.append(torch.einsum("hid,de,hje->ij", qg, sigma_aug, qg))  # (dn, dn)
+        wo_g = wo.view(wo.shape[0], H, D)[:, g * G : (g + 1) * G].sum(1)  # (d_out, D)
+        blocks_v.append(wo_g.T @ wo_g)  # (D, D)
     metric_k = torch.block_diag(*blocks_k) if dn else torch.zeros(0, 0, dtype=torch.float64)
     metric_v = torch.block_diag(*blocks_v)
     energy_k = (metric_k * (w_knope @ sigma @ w_knope.T)).sum() if dn else torch.tensor(1.0)

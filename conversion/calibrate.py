@@ -23,11 +23,13 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def input_covariance(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, chunk: int = 8) -> torch.Tensor:
-    """E[x x^T] (float64) of the attention input x = input_layernorm(h) over all calibration tokens."""
+    """E[x~ x~^T] (float64, (d + 1)^2) of the attention input x = input_layernorm(h), augmented x~ = [x; 1] so that
+    biases count: the last row and column hold E[x] and 1."""
     d = h.shape[-1]
-    sigma = torch.zeros(d, d, dtype=torch.float64)
+    sigma = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     for i in range(0, h.shape[0], chunk):
         x = rms_norm(h[i : i + chunk], norm_weight, eps).reshape(-1, d).double()  # (chunk * T, d)
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (chunk * T, d + 1)
         sigma += x.T @ x
     return sigma / (h.shape[0] * h.shape[1])
 

@@ -1,0 +1,244 @@
+"""Conversion correctness on tiny random Llama / Mistral / Qwen2 checkpoints (MHA and GQA), CPU fp32."""
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import WORDS, tiny_tokenizer
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+import hf_mla
+from conversion import SourceError, convert
+from conversion.cli import main as cli_main
+
+
+ARCHS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+# Random word sequences: calibration text from the same distribution as the random test inputs.
+TEXT = " ".join(WORDS[i] for i in torch.randint(3, len(WORDS), (3000,), generator=torch.Generator().manual_seed(0)))
+
+
+def save_source(path, arch="llama", seed=0, **overrides):
+    kwargs = dict(
+        vocab_size=len(WORDS), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(ARCHS[arch](**kwargs)).eval()
+    with torch.no_grad():  # random biases and norms, so that their conversion is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(3, len(WORDS), (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def logits(path_or_model, ids):
+    model = path_or_model
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(path_or_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def full_rank(K=2, D=16, rope_dim=16, shared=False):
+    return dict(kv_lora_rank=K * ((D if shared else D - rope_dim) + D), rope_dim=rope_dim)
+
+
+EXACT_CASES = {
+    "llama-gqa": dict(arch="llama"),
+    "llama-mha": dict(arch="llama", num_key_value_heads=4),
+    "mistral-gqa": dict(arch="mistral"),
+    "qwen2-gqa-biases": dict(arch="qwen2"),
+    "llama-llama3-rope": dict(arch="llama", rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "llama-yarn-rope": dict(arch="llama", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}),
+    "llama-linear-rope-tied": dict(arch="llama", tie_word_embeddings=True,
+                                   rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+@pytest.mark.parametrize("factorization", ["weight", "activation"])
+def test_full_rope_full_rank_reproduces_source(tmp_path, ids, case, factorization):
+    kw = dict(EXACT_CASES[case])
+    source = save_source(tmp_path / "src", **kw)
+    K = source.config.num_key_value_heads
+    report = convert(
+        tmp_path / "src", tmp_path / "out", rope_heads="per-kv-head", rope_selection="high",
+        factorization=factorization, calibration=[_text(tmp_path)], calibration_seq_len=32, calibration_tokens=512,
+        progress=False, **full_rank(K=K),
+    )  # fmt: skip
+    assert report["budget"]["kv_budget_reached"] == 1.0
+    assert_close(logits(tmp_path / "out", ids), logits(source, ids))
+
+
+def _text(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def partial_rope_reference(source, keep):
+    """The source with RoPE switched off on the pairs not kept: what MLA with per-KV-head keys computes at full rank."""
+    rotary = source.model.rotary_emb
+    mask = torch.zeros_like(rotary.inv_freq, dtype=torch.bool)
+    mask[keep] = True
+    rotary.inv_freq[~mask] = 0.0
+    return source
+
+
+@pytest.mark.parametrize(
+    "arch, factorization",
+    [
+        ("llama", "activation"),
+        ("llama", "weight"),
+        ("qwen2", "weight"),
+        pytest.param("qwen2", "activation", marks=pytest.mark.xfail(strict=True, reason=(
+            "known issue: with large random q/k biases the activation metric's error is not monotone in the rank "
+            "(exact at full rank); see the issue notes"))),
+    ],
+)  # fmt: skip
+def test_factorization_at_full_rank_reproduces_partial_rope_model(tmp_path, ids, arch, factorization):
+    source = save_source(tmp_path / "src", arch=arch)
+    calib = _text(tmp_path)
+    report = convert(
+        tmp_path / "src", tmp_path / "out", rope_heads="per-kv-head", rope_selection="high", calibration=[calib],
+        factorization=factorization, calibration_seq_len=32, calibration_tokens=512, progress=False,
+        **full_rank(rope_dim=6),
+    )  # fmt: skip
+    assert all(r["rope_pairs"] == [[0, 1, 2]] * 2 for r in report["layers"])
+    reference = logits(partial_rope_reference(source, [0, 1, 2]), ids)
+    assert_close(logits(tmp_path / "out", ids), reference)
+
+    errors, retained = [], []
+    for rank in (4, 12, 24, 40):
+        report = convert(
+            tmp_path / "src", tmp_path / f"r{rank}", kv_lora_rank=rank, rope_dim=6, rope_heads="per-kv-head",
+            rope_selection="high", factorization=factorization, calibration=[calib], calibration_seq_len=32,
+            calibration_tokens=2048, progress=False,
+        )  # fmt: skip
+        retained.append(report["mean_retained_energy"])
+        errors.append((logits(tmp_path / f"r{rank}", ids) - reference).pow(2).mean().item())
+    assert retained == sorted(retained) and retained[0] < retained[-1], retained
+    assert errors == sorted(errors, reverse=True) and errors[0] > 10 * errors[-1] > 0, errors
+
+
+def test_shared_rope_key_is_exact_for_a_single_kv_head(tmp_path, ids):
+    """With one KV head the per-pair PCA has nothing to drop: a shared key with every pair is the source."""
+    source = save_source(tmp_path / "src", num_key_value_heads=1)
+    convert(tmp_path / "src", tmp_path / "out", kv_lora_rank=32, rope_dim=16, rope_heads="shared",
+            rope_selection="rotation", calibration=[_text(tmp_path)], calibration_seq_len=32, calibration_tokens=512,
+            progress=False)  # fmt: skip
+    assert_close(logits(tmp_path / "out", ids), logits(source, ids))
+
+
+def test_default_conversion_writes_a_complete_checkpoint(tmp_path, ids):
+    save_source(tmp_path / "src")
+    report = convert(tmp_path / "src", tmp_path / "out", kv_budget=0.25, calibration=[_text(tmp_path)],
+                     calibration_seq_len=32, calibration_tokens=512, progress=False)  # fmt: skip
+    out = tmp_path / "out"
+    for name in ("config.json", "model.safetensors.index.json", "modeling_hf_mla.py", "configuration_hf_mla.py",
+                 "tokenizer.json", "generation_config.json", "conversion_report.json"):  # fmt: skip
+        assert (out / name).exists(), name
+    assert json.loads((out / "conversion_report.json").read_text())["budget"] == report["budget"]
+    assert report["budget"]["kv_budget_reached"] == 0.25
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "hf_mla" and config["auto_map"]["AutoModelForCausalLM"]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(model, hf_mla.MlaForCausalLM)
+    assert model.config.kv_cache_width == 16  # 0.25 * 2 * 2 KV heads * 16
+    generated = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 9)
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_calibration_falls_back_to_model_samples(tmp_path):
+    save_source(tmp_path / "src")
+    report = convert(tmp_path / "src", tmp_path / "out", kv_budget=0.5, calibration=None, calibration_seq_len=16,
+                     calibration_tokens=64, progress=False)  # fmt: skip
+    assert report["calibration"]["source"] == "sampled from the source model"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kv_budget=0.01), "no room for the latent"),
+        (dict(kv_lora_rank=100, rope_dim=8), "saves nothing"),
+        (dict(kv_budget=1.5), r"\(0, 1\)"),
+        (dict(kv_lora_rank=8), "--rope-dim"),
+        (dict(kv_budget=0.25, rope_dim=7), "even"),
+        (dict(kv_budget=0.25, rope_selection="best"), "rope_selection"),
+        (dict(kv_budget=0.25, calibration=["/nonexistent/calib.txt"]), "does not exist"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, kwargs, message):
+    save_source(tmp_path / "src")
+    with pytest.raises(ValueError, match=message):
+        convert(tmp_path / "src", tmp_path / "out", progress=False, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_unsupported_architecture(tmp_path):
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(SourceError, match="LlamaForCausalLM"):
+        convert(tmp_path / "gpt2", tmp_path / "out", kv_budget=0.25, progress=False)
+
+
+def test_truncated_source_fails_cleanly(tmp_path):
+    save_source(tmp_path / "src")
+    weights = tmp_path / "src" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(SourceError, match="truncated"):
+        convert(tmp_path / "src", tmp_path / "out", kv_budget=0.25, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite_and_survives_a_failed_run(tmp_path, monkeypatch):
+    save_source(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("previous run")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        convert(tmp_path / "src", tmp_path / "out", kv_budget=0.25, progress=False)
+
+    convert_module = sys.modules["conversion.convert"]  # the package's `convert` attribute is the function
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(convert_module, "copy_remote_code", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        convert(tmp_path / "src", tmp_path / "out", kv_budget=0.25, factorization="weight", rope_selection="high",
+                overwrite=True, progress=False)  # fmt: skip
+    assert (tmp_path / "out" / "keep.txt").read_text() == "previous run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_cli_convert_and_clear_errors(tmp_path, capsys):
+    save_source(tmp_path / "src")
+    calib = _text(tmp_path)
+    args = ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--kv-budget", "0.5", "--calibration", calib,
+            "--calibration-tokens", "512", "--calibration-seq-len", "32"]  # fmt: skip
+    assert cli_main(args) == 0
+    assert "0.5000 of the source's" in capsys.readouterr().out
+    assert cli_main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(["convert", str(tmp_path / "missing"), str(tmp_path / "o2"), "--kv-budget", "0.5"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["eval", str(tmp_path / "out"), "--baseline", str(tmp_path / "src"), "--text", calib,
+                     "--max-tokens", "256", "--context", "32", "--json"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["ratio"]["kv_bytes_per_token"] == pytest.approx(0.5)
