@@ -16,15 +16,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 WORDS = "<unk> <s> </s> the a of and to in is was it that he she said".split()
 
 
-
 def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
 
 
 def tiny_mla_config(**overrides):

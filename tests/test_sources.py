@@ -14,6 +14,13 @@ from conversion.sources import (
     SUPPORTED_ARCHITECTURES, SourceError, check_config, embedded_default_source, materialize, open_source,
 )
 
+def tiny_config(**kw):
+    kw = dict(vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+              bos_token_id=1, eos_token_id=2) | kw  # fmt: skip
+    return LlamaConfig(**kw)
+
+
 def save_tiny(path, max_shard_size="50GB", **kw):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(**kw)).eval()
