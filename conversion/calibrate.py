@@ -6,10 +6,11 @@ the model stays on disk, so models larger than memory calibrate too.
 """
 
 import torch
+import torch.nn.functional as F
 from transformers.utils import logging
 
 import hf_mla
-from hf_mla.modeling_hf_mla import MlaDecoderLayer, MlaRotaryEmbedding
+from hf_mla.modeling_hf_mla import MlaAttention, MlaDecoderLayer, MlaRotaryEmbedding, rotate_half
 
 
 logger = logging.get_logger(__name__)
@@ -60,3 +61,62 @@ def run_layer(config, state: dict[str, torch.Tensor], h: torch.Tensor, chunk: in
         pe = rotary(hc, position_ids.expand(hc.shape[0], T))
         out[i : i + chunk] = layer(hc, attention_mask=None, position_embeddings=pe, position_ids=position_ids)
     return out
+
+
+def source_attention(x: torch.Tensor, w: dict[str, torch.Tensor], *, n_heads, n_kv_heads, head_dim, inv_freq,
+                     attention_factor: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """The source (Llama-layout) attention layer's output on its input x (B, T, d), after o_proj."""
+    B, T, _ = x.shape
+    H, K, D = n_heads, n_kv_heads, head_dim
+    q = F.linear(x, w["q_proj.weight"], w.get("q_proj.bias")).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+    k = F.linear(x, w["k_proj.weight"], w.get("k_proj.bias")).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+    v = F.linear(x, w["v_proj.weight"], w.get("v_proj.bias")).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+    freqs = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq.float()  # (T, D/2)
+    cos = torch.cat([freqs, freqs], -1).cos() * attention_factor
+    sin = torch.cat([freqs, freqs], -1).sin() * attention_factor
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D**-0.5, enable_gqa=H != K)  # (B, H, T, D)
+    return F.linear(out.transpose(1, 2).reshape(B, T, H * D), w["o_proj.weight"], w.get("o_proj.bias"))
+
+
+def fit_attention(config, state: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor, *, steps: int,
+                  lr: float = 1e-3, batch: int = 2) -> tuple[float, float]:  # fmt: skip
+    """A short fit of the converted attention to the source attention's outputs on this layer's calibration inputs.
+
+    The closed-form steps each minimise a proxy (per-pair energy, weighted K/V reconstruction); this minimises the
+    real thing, the layer's attention output through softmax and o_proj, with no backprop through other layers.
+    Updates the self_attn tensors of `state` in place; returns the relative error before and after.
+    """
+    with torch.enable_grad():
+        attn = MlaAttention(config, layer_idx=0)
+        attn.load_state_dict({k[len("self_attn."):]: v.float() for k, v in state.items() if k.startswith("self_attn.")},
+                             strict=False)  # fmt: skip
+        attn.train()
+        rotary = MlaRotaryEmbedding(config)
+        position_ids = torch.arange(x.shape[1]).unsqueeze(0)
+        params = [p for n, p in attn.named_parameters() if not n.startswith("o_proj")]
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+
+        def loss_on(i):
+            xb, yb = x[i : i + batch], target[i : i + batch]
+            pe = rotary(xb, position_ids.expand(xb.shape[0], -1))
+            out, _ = attn(xb, position_embeddings=pe, attention_mask=None)
+            return (out - yb).pow(2).mean() / yb.pow(2).mean()
+
+        with torch.no_grad():
+            before = loss_on(0).item()  # judged on one batch: a full pass would cost as much as a few steps
+        if before < 1e-10:  # already exact (full rank, all RoPE): nothing to gain, and Adam would only add noise
+            return before, before
+        for step in range(steps):
+            loss = loss_on((step * batch) % x.shape[0])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            after = loss_on(0).item()
+    if after < before:
+        for name, p in attn.named_parameters():
+            state[f"self_attn.{name}"] = p.detach().to(state[f"self_attn.{name}"].dtype)
+    return before, min(before, after)

@@ -20,7 +20,7 @@ from transformers.utils import logging
 import hf_mla
 
 from .attention import AttentionPlan, convert_attention, rope_layout
-from .calibrate import input_covariance, layer_config, run_layer
+from .calibrate import fit_attention, input_covariance, layer_config, rms_norm, run_layer, source_attention
 from .export import ShardWriter, atomic_output_dir, check_output_dir, copy_remote_code, parse_size
 from .rope import AUTO_STRATEGY, STRATEGIES
 from .sources import Source, SourceError, open_source
@@ -178,6 +178,10 @@ def convert(
     calibration_seq_len: int = 512,
     rope_context: int = 2048,
     key_weight: float = 1.0,
+    fit_steps: int = 16,
+    fit_sequences: int = 8,
+    fit_lr: float = 1e-3,
+    fit_seq_len: int = 256,
     dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
@@ -202,10 +206,10 @@ def convert(
     names = set(src.tensor_names())
     has_bias = {k: _layer_names(0)[f"{k}_proj.bias"] in names for k in "qkvo"}
     base_kwargs = mla_config_kwargs(cfg, budget, out_dtype, has_bias)
-    inv_freq = hf_mla.modeling_hf_mla.compute_source_inv_freq(
+    inv_freq, attention_factor = hf_mla.modeling_hf_mla.compute_source_inv_freq(
         hf_mla.MlaConfig(**{**base_kwargs, "num_hidden_layers": 1, "rope_frequency_indices": None,
                             "qk_rope_head_dim": 2, "num_rope_heads": 1})  # fmt: skip
-    )[0]
+    )
 
     needs_stats = plan.factorization == "activation" or plan.selection in ("2norm", "rotation")
     calib_info, h = None, None
@@ -237,13 +241,22 @@ def convert(
             for n in sorted(names):
                 if n.startswith(prefix) and ".self_attn." not in n:
                     state[n[len(prefix) :]] = src.get(n)
+            fit = None
             if needs_stats:
-                h = run_layer(layer_config(base_kwargs, conv.pairs, conv.qk_nope_head_dim), state, h)
+                lcfg = layer_config(base_kwargs, conv.pairs, conv.qk_nope_head_dim)
+                if fit_steps:
+                    x = rms_norm(h[:fit_sequences, :fit_seq_len], ln1.float(), eps)
+                    with torch.no_grad():
+                        y = source_attention(x, {k: v.float() for k, v in get.items()}, n_heads=H, n_kv_heads=K,
+                                             head_dim=D, inv_freq=inv_freq, attention_factor=attention_factor)
+                    fit = fit_attention(lcfg, state, x, y, steps=fit_steps, lr=fit_lr)
+                h = run_layer(lcfg, state, h)
             for k, v in state.items():
                 writer.add(prefix + k, v.to(out_dtype))
             layers_report.append({
                 "layer": i, "rope_pairs": conv.pairs, "retained_energy": round(conv.retained, 6),
                 "seconds": round(time.time() - t_layer, 3),
+                **({"fit_error_before": round(fit[0], 6), "fit_error_after": round(fit[1], 6)} if fit else {}),
             })  # fmt: skip
             bar.update(layer_bytes[i])
             bar.set_postfix(layer=i, retained=f"{conv.retained:.3f}")
@@ -262,7 +275,9 @@ def convert(
         report = {
             "source": str(getattr(src, "path", source)),
             "source_architecture": (cfg.architectures or [type(cfg).__name__])[0],
-            "settings": {**asdict(plan), "dtype": str(out_dtype), "requested_kv_budget": kv_budget},
+            "settings": {**asdict(plan), "dtype": str(out_dtype), "requested_kv_budget": kv_budget,
+                         "fit_steps": fit_steps, "fit_sequences": fit_sequences, "fit_lr": fit_lr,
+                         "fit_seq_len": fit_seq_len},
             "budget": budget,
             "calibration": calib_info,
             "layers": layers_report,

@@ -117,7 +117,7 @@ def test_factorization_at_full_rank_reproduces_partial_rope_model(tmp_path, ids,
     calib = _text(tmp_path)
     report = convert(
         tmp_path / "src", tmp_path / "out", rope_heads="per-kv-head", rope_selection="high", calibration=[calib],
-        factorization=factorization, calibration_seq_len=32, calibration_tokens=512, progress=False,
+        factorization=factorization, calibration_seq_len=32, calibration_tokens=512, progress=False, fit_steps=0,
         **full_rank(rope_dim=6),
     )  # fmt: skip
     assert all(r["rope_pairs"] == [[0, 1, 2]] * 2 for r in report["layers"])
@@ -129,12 +129,20 @@ def test_factorization_at_full_rank_reproduces_partial_rope_model(tmp_path, ids,
         report = convert(
             tmp_path / "src", tmp_path / f"r{rank}", kv_lora_rank=rank, rope_dim=6, rope_heads="per-kv-head",
             rope_selection="high", factorization=factorization, calibration=[calib], calibration_seq_len=32,
-            calibration_tokens=2048, progress=False,
+            calibration_tokens=2048, progress=False, fit_steps=0,
         )  # fmt: skip
         retained.append(report["mean_retained_energy"])
         errors.append((logits(tmp_path / f"r{rank}", ids) - reference).pow(2).mean().item())
     assert retained == sorted(retained) and retained[0] < retained[-1], retained
     assert errors == sorted(errors, reverse=True) and errors[0] > 10 * errors[-1] > 0, errors
+
+
+def test_per_layer_fit_lowers_each_layers_attention_error(tmp_path):
+    save_source(tmp_path / "src")
+    report = convert(tmp_path / "src", tmp_path / "out", kv_budget=0.25, calibration=[_text(tmp_path)],
+                     calibration_seq_len=32, calibration_tokens=512, fit_steps=30, fit_seq_len=32, progress=False)
+    for layer in report["layers"]:
+        assert layer["fit_error_after"] < 0.8 * layer["fit_error_before"], layer
 
 
 def test_shared_rope_key_is_exact_for_a_single_kv_head(tmp_path, ids):
