@@ -301,26 +301,34 @@ class MlaAttention(nn.Module):
 
         # W_UK goes into the query: all H*T query rows then score against the one latent "head". The key bias of
         # kv_b_proj adds the same amount to every score of a query, so softmax ignores it.
-        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, dc)
-        scores = torch.matmul(q_lat.reshape(B, 1, H * T, dc), c_kv.transpose(2, 3))  # (B, 1, H*T, S)
-        q_rope = q_rope.view(B, T, R, H // R, dr).permute(0, 2, 3, 1, 4).reshape(B, R, (H // R) * T, dr)
+        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk).reshape(B, 1, H * T, dc)  # (B, 1, H*T, dc)
+        # The RoPE part of the logits, pre-scaled, rides along as an additive bias with the mask.
+        q_rope = q_rope.view(B, T, R, H // R, dr).permute(0, 2, 3, 1, 4)  # (B, R, H/R, T, dr)
+        q_rope = q_rope.reshape(B, R, (H // R) * T, dr)  # (B, R, (H/R)*T, dr), rows in (head, token) order
         k_rope = k_rope.view(B, S, R, dr).transpose(1, 2)  # (B, R, S, dr)
-        scores = scores.view(B, H, T, S) + torch.matmul(q_rope, k_rope.transpose(2, 3)).view(B, H, T, S)
-        scores = scores * self.scaling  # (B, H, T, S)
-
+        logit_bias = torch.matmul(q_rope * self.scaling, k_rope.transpose(2, 3)).view(B, H, T, S)  # (B, H, T, S)
         if attention_mask is None and T > 1:  # sdpa skipped the mask: plain causal over a cached prefix
-            attention_mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-            else:
-                scores = scores + attention_mask
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
-        probs = F.dropout(probs, p=self.attention_dropout if self.training else 0.0, training=self.training)
+            attention_mask = torch.ones(T, S, dtype=torch.bool, device=q_lat.device).tril(S - T)
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            logit_bias = logit_bias.masked_fill(~attention_mask, torch.finfo(logit_bias.dtype).min)
+        elif attention_mask is not None:
+            logit_bias = logit_bias + attention_mask
+        logit_bias = logit_bias.view(B, 1, H * T, S)  # (B, 1, H*T, S)
+
+        dropout = self.attention_dropout if self.training else 0.0
+        if implementation == "sdpa":  # one fused kernel: softmax(q_lat c_kv^T * scaling + bias) c_kv
+            out_lat = F.scaled_dot_product_attention(
+                q_lat, c_kv, c_kv, attn_mask=logit_bias, dropout_p=dropout, scale=self.scaling
+            )  # (B, 1, H*T, dc)
+            probs = None
+        else:
+            scores = torch.baddbmm(logit_bias[:, 0], q_lat[:, 0], c_kv[:, 0].mT, alpha=self.scaling)  # (B, H*T, S)
+            probs = F.softmax(scores.view(B, H, T, S), dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (B, H, T, S)
+            probs = F.dropout(probs, p=dropout, training=self.training)
+            out_lat = torch.matmul(probs.view(B, 1, H * T, S), c_kv)  # (B, 1, H*T, dc)
 
         # W_UV goes after the attention over latents; softmax rows sum to 1, so the value bias passes through.
-        out_lat = torch.matmul(probs.view(B, 1, H * T, S), c_kv).view(B, H, T, dc)  # (B, H, T, dc)
-        attn_output = torch.einsum("bhtc,hvc->bthv", out_lat, w_uv)  # (B, T, H, dv)
+        attn_output = torch.einsum("bhtc,hvc->bthv", out_lat.view(B, H, T, dc), w_uv)  # (B, T, H, dv)
         if bias is not None:
             attn_output = attn_output + bias.view(H, dn + self.v_head_dim)[:, dn:]
         return attn_output, probs
