@@ -365,3 +365,17 @@ def test_absorbed_path_refuses_kernels_it_cannot_mask():
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="eager' or 'sdpa'"):
         model(torch.tensor([[5, 6, 7]]))
+
+
+@torch.no_grad()
+def test_torch_compile_fullgraph_with_static_cache():
+    """As the stock models: the forward compiles without graph breaks and decodes like eager (absorbed path)."""
+    model = tiny_mla_model(**VARIANTS["grouped-rope-keys+biases+q-lora"])
+    ids, mask = padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True, cache_implementation="static")  # fmt: skip
+    eager = model.generate(ids, **kwargs)
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    compiled = model.generate(ids, **kwargs)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert_close(torch.stack(compiled.scores), torch.stack(eager.scores))
