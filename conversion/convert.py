@@ -100,7 +100,7 @@ def plan_attention(
     return plan, budget
 
 
-def calibration_ids(source: Source, calibration, *, tokens: int, seq_len: int, model=None) -> tuple[torch.Tensor, dict]:
+def calibration_ids(source: Source, calibration, *, tokens: int, seq_len: int) -> tuple[torch.Tensor, dict]:
     """Token ids (N, seq_len) to calibrate on: the user's text, or text the source model samples itself."""
     from .data import load_texts, pack_tokens, sample_texts_from_model
 
@@ -110,7 +110,7 @@ def calibration_ids(source: Source, calibration, *, tokens: int, seq_len: int, m
         ids = pack_tokens(tokenizer, texts, seq_len=seq_len, max_tokens=tokens)
         return ids, {"source": [str(c) for c in calibration], "tokens": int(ids.numel()), "seq_len": seq_len}
     logger.warning("No calibration text given: calibrating on text sampled from the source model itself.")
-    model = model or source.load_model()
+    model = source.load_model()
     ids = sample_texts_from_model(model, tokenizer, n_sequences=max(1, tokens // seq_len), seq_len=seq_len)
     return ids, {"source": "sampled from the source model", "tokens": int(ids.numel()), "seq_len": seq_len}
 

@@ -11,9 +11,6 @@ the block-diagonal output metric is square-rooted block by block.
 import torch
 
 
-METHODS = ("weight", "activation")
-
-
 def diagonal_blocks(m: torch.Tensor) -> list[tuple[int, int]]:
     """[start, end) of the diagonal blocks of a block-diagonal matrix (a dense matrix is one block)."""
     n = m.shape[0]
@@ -97,7 +94,3 @@ def factorize(
     total = evals.clamp_min(0).sum()
     retained = float(evals[-rank:].clamp_min(0).sum() / total) if total > 0 else 1.0
     return up, down, retained
-
-
-def block_diag_metric(blocks: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    return torch.block_diag(*[b * wt for b, wt in zip(blocks, weights)])
