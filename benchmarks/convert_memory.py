@@ -6,7 +6,7 @@ so building it never holds more than one shard; it is kept and reused (`--source
 A tokenizer is not written: weight-only conversion needs no calibration text.
 
 The conversion runs in a fresh subprocess: `convert(source, out, kv_budget=0.25, factorization="weight",
-rope_selection="high")`, then reports `getrusage(RUSAGE_SELF).ru_maxrss` of that process (peak RSS; file pages
+rope_selection="high")`, then reports that process's peak RSS (VmHWM, see quality.py's peak_rss_mb; file pages
 that safetensors mmaps count in it while they are resident), its wall and CPU time, convert()'s per-layer seconds,
 and other processes' load on the machine. The output (another ~13.5 GB) is deleted afterwards unless --keep.
 
@@ -17,7 +17,6 @@ and other processes' load on the machine. The output (another ~13.5 GB) is delet
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.quality import busy_seconds, cpu_seconds, machine  # noqa: E402
+from benchmarks.quality import busy_seconds, cpu_seconds, machine, peak_rss_mb  # noqa: E402
 
 
 CONFIG = dict(
@@ -84,7 +83,7 @@ def run_one(source: str, out: str, budget: float, max_shard_size: str) -> dict:
     wall, cpu = time.time() - t0, cpu_seconds() - c0
     secs = [r["seconds"] for r in report["layers"]]
     return {
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), "wall_s": round(wall, 1),
+        "peak_rss_mb": round(peak_rss_mb()), "wall_s": round(wall, 1),
         "cpu_s": round(cpu, 1), "other_load_cores": round((busy_seconds() - b0 - cpu) / wall, 2),
         "layer_s_median": sorted(secs)[len(secs) // 2], "layer_s_max": max(secs), "budget": report["budget"],
         "output_bytes": sum(f.stat().st_size for f in Path(out).iterdir()),

@@ -6,17 +6,18 @@ float32 (what dequantization yields). Each run converts it at one KV budget with
 calibrating on the Austen novels (`calibration_tokens` = convert()'s default), then evaluates it. No healing.
 
 Perplexity: the Britannica article (evaluation only, never calibrated on) tokenized once and packed by
-`conversion.data.pack_tokens` into non-overlapping 512-token windows (BOS + 511 text tokens) over its first
-`--eval-tokens` tokens; the same windows for the source and every converted model; mean NLL of each window's 511
-next-token predictions, exp'd. Ratio = converted ppl / source ppl.
+`conversion.data.pack_tokens` into `--eval-windows` (16) non-overlapping 512-token windows (BOS + 511 text tokens)
+from its start; the same windows for the source and every converted model; mean NLL of each window's 511 next-token
+predictions, exp'd. Ratio = converted ppl / source ppl.
 
 Each conversion runs in a fresh subprocess (this script with `--one`), which opens the GGUF once, passes the Source
-to convert() (its defaults, e.g. the per-layer fit, unless `--fit-steps` is given), and records: wall time of open + convert (GGUF dequantization happens inside it), the process's CPU time,
-`getrusage(RUSAGE_SELF).ru_maxrss` right after convert() returns (peak RSS of the conversion, *including the whole
-dequantized GGUF model the Source holds*), and "other load": cores kept busy by other processes meanwhile (/proc/stat
-busy time less our own CPU time, / wall), since on a shared machine wall times are only as good as that is low.
-The children run a copy of conversion/, hf_mla/ and this script taken at the start (in --work-dir), so that edits
-made to the repository during a long run do not mix code versions; the JSON records the commit and dirty files.
+to convert() (with convert()'s defaults, e.g. its per-layer fit, unless `--fit-steps` is given), and records: wall
+time of open + convert (GGUF dequantization happens inside it), the process's CPU time, its peak RSS (VmHWM) right
+after convert() returns (*including the whole dequantized GGUF model the Source holds*), and "other load": cores
+kept busy by other processes meanwhile (/proc/stat busy time less our own CPU time, / wall), since on a shared
+machine wall times are only as good as that is low. The children run a copy of conversion/, hf_mla/ and this script
+taken at the start (in --work-dir), so that edits made to the repository during a long run do not mix code
+versions; the JSON records the commit and the dirty files.
 
     python benchmarks/quality.py                       # default grid: 6 methods x 3 budgets = 18 conversions
     python benchmarks/quality.py --grid full           # 2 x 4 x 2 methods x 3 budgets = 48 conversions
@@ -60,6 +61,12 @@ def busy_seconds() -> float:
     return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / 100  # user nice system irq softirq steal
 
 
+def peak_rss_mb() -> float:
+    """Peak RSS of this process: VmHWM. Not getrusage's ru_maxrss, which a child started by fork/exec inherits from
+    its parent's high-water mark (Linux keeps the larger of the two across exec)."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+
+
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -77,7 +84,7 @@ def perplexity(model, ids: torch.Tensor, batch: int = 4) -> float:
 
 
 def run_one(spec: dict) -> dict:
-    """One conversion + evaluation; runs in its own process so that ru_maxrss is its own."""
+    """One conversion + evaluation; runs in its own process so that its peak RSS is its own."""
     from transformers import AutoModelForCausalLM
 
     from conversion.convert import convert
@@ -93,13 +100,13 @@ def run_one(spec: dict) -> dict:
     )  # fmt: skip
     wall, cpu = time.time() - t0, cpu_seconds() - c0
     other = (busy_seconds() - b0 - cpu) / wall
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     del src
     model = AutoModelForCausalLM.from_pretrained(spec["out"], dtype=torch.float32).eval()
     ppl = perplexity(model, torch.load(spec["eval_ids"]))
     return {
         **spec, "ppl": ppl, "convert_wall_s": round(wall, 1), "convert_cpu_s": round(cpu, 1),
-        "other_load_cores": round(other, 2), "peak_rss_mb": round(peak_rss_mb), "budget_reached": report["budget"],
+        "other_load_cores": round(other, 2), "peak_rss_mb": round(peak), "budget_reached": report["budget"],
         "mean_retained_energy": round(report["mean_retained_energy"], 4), "calibration": report["calibration"],
         "settings": report["settings"], "convert_timings": report["timings"],
         "code_path": str(Path(sys.modules["conversion"].__file__).parents[1]),
@@ -152,6 +159,7 @@ def plot(res: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     runs = [r for r in res["runs"] if "ppl" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=90)
@@ -162,6 +170,9 @@ def plot(res: dict, path: Path) -> None:
     ax.plot(tb, [TARGETS[b] for b in tb], "k--", marker="x", label="target")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xticks(tb, [frac(b) for b in tb])
     ax.set_xlabel("KV cache budget (fraction of the source's)")
     ax.set_ylabel("perplexity ratio converted / source")
@@ -184,8 +195,14 @@ def main():
     p.add_argument("--calibration", default=str(DATA / "austen"))
     p.add_argument("--work-dir", default="/work/cache/quality")
     p.add_argument("--out", default=str(RESULTS / "quality.json"))
+    p.add_argument("--replot", action="store_true", help="only redraw the plot and tables from the --out JSON")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON spec of one run
     args = p.parse_args()
+    if args.replot:
+        res = json.loads(Path(args.out).read_text())
+        plot(res, Path(args.out).with_suffix(".png"))
+        print(tables(res))
+        return
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return
@@ -215,7 +232,7 @@ def main():
         "code": {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "conversion", "hf_mla")},
         "eval": {"text": args.eval_text, "windows": ids.shape[0], "seq_len": 512, "tokens": ids.numel()},
         "calibration": args.calibration, "targets_ratio": TARGETS,
-        "notes": "peak_rss_mb = ru_maxrss after convert(), including the dequantized GGUF model the Source holds; "
+        "notes": "peak_rss_mb = VmHWM after convert(), including the dequantized GGUF model the Source holds; "
                  "convert_wall_s = open_source + convert (GGUF dequantization, calibration, conversion, writing)",
         "runs": [],
     }  # fmt: skip
