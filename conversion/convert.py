@@ -20,7 +20,9 @@ from transformers.utils import logging
 import hf_mla
 
 from .attention import AttentionPlan, convert_attention, rope_layout
+from .card import write_model_card
 from .calibrate import fit_attention, input_covariance, layer_config, rms_norm, run_layer, source_attention
+from .data import TokenizedText
 from .export import ShardWriter, atomic_output_dir, check_output_dir, copy_remote_code, parse_size
 from .rope import AUTO_STRATEGY, STRATEGIES
 from .sources import Source, SourceError, open_source
@@ -104,8 +106,11 @@ def calibration_ids(source: Source, calibration, *, tokens: int, seq_len: int) -
     """Token ids (N, seq_len) to calibrate on: the user's text, or text the source model samples itself."""
     from .data import load_texts, pack_tokens, sample_texts_from_model
 
+    if isinstance(calibration, TokenizedText):
+        ids = calibration.ids[: max(1, tokens // calibration.ids.shape[1])]
+        return ids, {"source": calibration.source, "tokens": int(ids.numel()), "seq_len": int(ids.shape[1])}
     tokenizer = source.load_tokenizer()
-    if calibration:
+    if calibration is not None and len(calibration):
         texts = load_texts(calibration)
         ids = pack_tokens(tokenizer, texts, seq_len=seq_len, max_tokens=tokens)
         return ids, {"source": [str(c) for c in calibration], "tokens": int(ids.numel()), "seq_len": seq_len}
@@ -187,10 +192,13 @@ def convert(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     max_shard_size: int | str = "2GB",
+    base_model: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Convert `source` (folder, .gguf file or Hub id) to an hf_mla checkpoint in `output_dir`; returns the report
-    that is also written as conversion_report.json."""
+    that is also written as conversion_report.json. `calibration`: text files / folders / a dataset name, or a
+    LongTensor of token ids (N, T) already packed (the sweep tokenizes once for all budgets). `base_model`: the
+    source's Hub id for the model card, where it cannot be read from the source itself."""
     t0 = time.time()
     check_output_dir(output_dir, overwrite)  # fail before any heavy work
     src = source if isinstance(source, Source) else open_source(
@@ -275,6 +283,7 @@ def convert(
         report = {
             "source": str(getattr(src, "path", source)),
             "source_architecture": (cfg.architectures or [type(cfg).__name__])[0],
+            "origin": {**src.card_metadata(), **({"base_model": base_model} if base_model else {})},
             "settings": {**asdict(plan), "dtype": str(out_dtype), "requested_kv_budget": kv_budget,
                          "fit_steps": fit_steps, "fit_sequences": fit_sequences, "fit_lr": fit_lr,
                          "fit_seq_len": fit_seq_len},
@@ -287,6 +296,7 @@ def convert(
             "versions": _versions(),
         }
         (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_model_card(tmp, repo_id=None)
     logger.info(f"Wrote {output_dir} in {report['timings']['total_s']} s")
     return report
 

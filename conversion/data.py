@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -130,6 +131,14 @@ def load_texts(
     if not texts:
         raise ValueError(f"no text found in {', '.join(map(str, sources))}; pass files or a dataset that hold text.")
     return texts
+
+
+@dataclass
+class TokenizedText:
+    """Token ids packed once (N, T) and where they came from, to be reused by several runs (the sweep's budgets)."""
+
+    ids: torch.LongTensor
+    source: list[str]
 
 
 def _token_stream(tokenizer, texts: Iterable[str], batch_size: int = 64) -> Iterator[list[int]]:

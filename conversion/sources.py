@@ -165,6 +165,7 @@ class Source:
         self._meta: dict[str, tuple[torch.dtype, int]] = {}  # tensor name -> (dtype, nbytes)
         self._handles: dict[Path, object] = {}  # open safe_open handles / mmapped pickle state dicts
         self._state: dict[str, torch.Tensor] | None = None  # GGUF: the dequantized state dict
+        self.hub_id: str | None = None  # set when the source was fetched from the Hub
 
     def __repr__(self):
         return f"Source({str(self.path)!r}, kind={self.kind!r}, model_type={self.config.model_type!r})"
@@ -298,6 +299,20 @@ class Source:
                 "(tokenizer.json, tokenizer_config.json, ...) into that folder."
             ) from e
 
+    def card_metadata(self) -> dict:
+        """What a model card can say about where this source came from: its Hub id and license where known."""
+        meta = {"base_model": self.hub_id, "license": None}
+        if self.kind == "gguf":
+            meta.update(_gguf_card_metadata(self.path / self.gguf_file))
+        else:
+            meta.update({k: v for k, v in _readme_metadata(self.path).items() if v})
+            if meta["base_model"] is None:  # a Hub cache snapshot: .../models--owner--name/snapshots/<sha>
+                m = re.search(r"models--([^/]+)--([^/]+)/snapshots/", self.path.as_posix() + "/")
+                meta["base_model"] = f"{m[1]}/{m[2]}" if m else None
+        if self.hub_id:
+            meta["base_model"] = self.hub_id
+        return meta
+
     def load_model(self, dtype: torch.dtype = torch.float32):
         """The whole source model, for teacher / baseline use (not for conversion: that is what `get` is for)."""
         from transformers import AutoModelForCausalLM
@@ -316,6 +331,34 @@ class Source:
             ).eval()  # fmt: skip
         except Exception as e:
             raise SourceError(f"could not load the model in {self.path} ({e}); re-download it.") from e
+
+
+def _readme_metadata(folder: Path) -> dict:
+    """license (and base_model, if the card names one) from a model folder's README.md YAML header."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        from huggingface_hub import ModelCard
+
+        data = ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # a malformed card must not stop a conversion
+        return {}
+    return {"license": data.get("license")}
+
+
+def _gguf_card_metadata(path: Path) -> dict:
+    """license from GGUF metadata (general.license). GGUF names are not reliably Hub ids, so base_model is only
+    known for the embedded default; users name it with --base-model otherwise."""
+    meta = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"} if path.name == EMBEDDED_GGUF else {}
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(path)).fields.get("general.license")
+        meta["license"] = field.contents() if field is not None else None
+    except Exception:  # unreadable metadata costs the card a line, not the conversion
+        pass
+    return meta
 
 
 # ----------------------------------------------------------------------------- opening
@@ -341,7 +384,9 @@ def open_source(
         return _open_folder(p, allow_pickle, trust_remote_code)
     if isinstance(source, str) and _HUB_ID.match(source) and not source.endswith((".gguf", ".safetensors", ".json")):
         folder = _download(source, revision, gguf_file, allow_pickle)
-        return open_source(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+        src = open_source(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+        src.hub_id = source
+        return src
     raise SourceError(
         f"{source} does not exist; pass a local model folder, a .gguf file or a Hub id like "
         "'HuggingFaceTB/SmolLM2-135M'."
