@@ -29,17 +29,61 @@ def _add_convert(sub):
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only once the new one is done)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled pytorch_model*.bin weights")
     p.add_argument("--trust-remote-code", action="store_true", help="run the source repository's own code")
+    p.add_argument("--base-model", help="the source's Hub id, for the model card (when it cannot be read from it)")
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="perplexity and KV-cache size of a model, and of a baseline on the same tokens")
-    p.add_argument("model", help="hf_mla checkpoint folder (or any causal LM folder)")
+    p = sub.add_parser("eval", help="perplexity, KV-cache size, decode speed and a sample, against a baseline")
+    p.add_argument("model", help="hf_mla checkpoint folder (or any causal LM folder / .gguf / 'default')")
     p.add_argument("--baseline", help="the source model (folder, .gguf or 'default') to compare against")
     p.add_argument("--text", nargs="+", required=True, help="evaluation text files (not the calibration text)")
     p.add_argument("--max-tokens", type=int, default=16384)
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--stride", type=int)
+    p.add_argument("--context", type=int, default=512, help="perplexity window")
+    p.add_argument("--stride", type=int, help="perplexity window stride (default: the context, disjoint windows)")
+    p.add_argument("--speed-contexts", type=_ints, default=[512], help="decode-speed contexts, e.g. 512,2048")
+    p.add_argument("--speed-batches", type=_ints, default=[1], help="decode-speed batch sizes, e.g. 1,4")
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--no-speed", action="store_true", help="skip the decode-speed measurement")
+    p.add_argument("--prompt", default="What is the capital of France?", help="prompt of the greedy sample")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--save", action="store_true", help="write evaluation.json and the figures into MODEL's card")
+
+
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="convert at several KV budgets and plot perplexity and decode speed")
+    p.add_argument("source", help="local folder, .gguf file, Hub id, or 'default'")
+    p.add_argument("--budgets", type=_floats, default=[0.5, 0.25, 0.125], help="e.g. 0.5,0.25,0.125")
+    p.add_argument("--text", nargs="+", required=True, help="evaluation text (not the calibration text)")
+    p.add_argument("--calibration", nargs="+", metavar="PATH", help="calibration text (default: model samples)")
+    p.add_argument("--out", default="outputs/sweep", help="output folder: one checkpoint per budget + table + plot")
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--context", type=int, default=512, help="perplexity window")
+    p.add_argument("--calibration-tokens", type=int, default=16384)
+    p.add_argument("--calibration-seq-len", type=int, default=512)
+    p.add_argument("--speed-contexts", type=_ints, default=[512, 2048])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--fit-steps", type=int, default=16)
+    p.add_argument("--no-models", action="store_true", help="keep only the table and plot, not the checkpoints")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _add_push(sub):
+    p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face Hub")
+    p.add_argument("model_dir")
+    p.add_argument("repo_id", help="owner/name")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", help="branch to push to (created if needed)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; upload nothing")
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
 
 
 def _source(arg):
@@ -58,6 +102,7 @@ def cmd_convert(args) -> int:
         calibration_seq_len=args.calibration_seq_len, fit_steps=args.fit_steps, fit_seq_len=args.fit_seq_len,
         dtype=args.dtype, overwrite=args.overwrite,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, max_shard_size=args.max_shard_size,
+        base_model=args.base_model,
     )  # fmt: skip
     b = report["budget"]
     print(
@@ -74,45 +119,47 @@ def cmd_convert(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from transformers import AutoModelForCausalLM
+    from .evaluate import evaluate, format_evaluation, save_evaluation
 
-    import hf_mla  # noqa: F401  (registers the model type)
+    speed = [] if args.no_speed else [(c, b) for c in args.speed_contexts for b in args.speed_batches]
+    result = evaluate(
+        _source(args.model), baseline=args.baseline and _source(args.baseline), text=args.text,
+        max_tokens=args.max_tokens, context=args.context, stride=args.stride, speed=speed,
+        decode_steps=args.decode_steps, prompt=args.prompt or None, progress=not args.json,
+    )  # fmt: skip
+    print(json.dumps(result, indent=2) if args.json else format_evaluation(result))
+    if args.save:
+        print(f"Wrote {save_evaluation(args.model, result)}", file=sys.stderr)
+    return 0
 
-    from .data import load_texts, pack_tokens
-    from .evaluate import kv_cache_bytes_per_token, perplexity
-    from .sources import open_source
 
-    def load(path):
-        path = _source(path)
-        if path.endswith(".gguf"):
-            src = open_source(path)
-            return src.load_model(), src.load_tokenizer()
-        from transformers import AutoTokenizer
+def cmd_sweep(args) -> int:
+    from .sweep import format_sweep, sweep
 
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+    result = sweep(
+        _source(args.source), args.budgets, text=args.text, calibration=args.calibration, output_dir=args.out,
+        eval_tokens=args.eval_tokens, context=args.context, calibration_tokens=args.calibration_tokens,
+        calibration_seq_len=args.calibration_seq_len, speed_contexts=args.speed_contexts, batch=args.batch,
+        decode_steps=args.decode_steps, keep_models=not args.no_models, overwrite=args.overwrite,
+        fit_steps=args.fit_steps,
+    )  # fmt: skip
+    print(format_sweep(result))
+    print(f"\nWrote {args.out}/sweep.json, sweep.md, sweep.png")
+    return 0
 
-    model, tokenizer = load(args.model)
-    ids = pack_tokens(tokenizer, load_texts(args.text), seq_len=args.context, max_tokens=args.max_tokens)
-    results = {}
-    pairs = [("model", model)]
-    if args.baseline:
-        pairs.append(("baseline", load(args.baseline)[0]))
-    for name, m in pairs:
-        results[name] = {
-            "perplexity": perplexity(m, ids, context=args.context, stride=args.stride, progress=True),
-            "kv_bytes_per_token": kv_cache_bytes_per_token(m, ids[:1]),
-        }
-    if args.baseline:
-        results["ratio"] = {k: results["model"][k] / results["baseline"][k] for k in results["model"]}
-    results["tokens"] = int(ids.numel())
-    if args.json:
-        print(json.dumps(results, indent=2))
+
+def cmd_push(args) -> int:
+    from .hub import push
+
+    result = push(args.model_dir, args.repo_id, private=args.private, revision=args.revision,
+                  create_pr=args.create_pr, dry_run=args.dry_run)  # fmt: skip
+    if args.dry_run:
+        print(f"Would upload to {args.repo_id}" + (f" (branch {args.revision})" if args.revision else "") + ":")
+        for name, size in result["files"]:
+            print(f"  {name:50} {size / 1e6:10.2f} MB")
+        print(f"  {len(result['files'])} files, {result['total_bytes'] / 1e6:.2f} MB; nothing uploaded (--dry-run)")
     else:
-        print(f"{'':10} {'perplexity':>12} {'KV bytes/token':>16}")
-        for name in [n for n, _ in pairs] + (["ratio"] if args.baseline else []):
-            r = results[name]
-            print(f"{name:10} {r['perplexity']:12.3f} {r['kv_bytes_per_token']:16.1f}")
-        print(f"({results['tokens']} tokens, {args.model})")
+        print(f"Pushed {len(result['files'])} files to {args.repo_id}: {result['url']}")
     return 0
 
 
@@ -121,9 +168,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     _add_convert(sub)
     _add_eval(sub)
+    _add_sweep(sub)
+    _add_push(sub)
     args = parser.parse_args(argv)
     try:
-        return {"convert": cmd_convert, "eval": cmd_eval}[args.verb](args)
+        return {"convert": cmd_convert, "eval": cmd_eval, "sweep": cmd_sweep, "push": cmd_push}[args.verb](args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: say what and how to fix, no traceback
         print(f"hf-mla {args.verb}: error: {e}", file=sys.stderr)
         return 2
