@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -66,6 +67,44 @@ def _add_sweep(sub):
     p.add_argument("--fit-steps", type=int, default=16)
     p.add_argument("--no-models", action="store_true", help="keep only the table and plot, not the checkpoints")
     p.add_argument("--overwrite", action="store_true")
+
+
+def _add_heal(sub):
+    from .heal import HealSettings
+
+    d = HealSettings()
+    p = sub.add_parser("heal", help="recover quality with LoRA + distillation from the source model")
+    p.add_argument("model_dir", help="the hf_mla checkpoint `hf-mla convert` wrote")
+    p.add_argument("output", help="output folder (written atomically; see --overwrite)")
+    p.add_argument("--teacher", help="the source model the conversion started from (folder, .gguf, 'default')")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="text / jsonl files, folders or a datasets name "
+                   "(default: text sampled from the teacher)")  # fmt: skip
+    p.add_argument("--text-field", default="text", help="field holding the text in JSON lines / datasets")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="training tokens")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch and process")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    p.add_argument("--lora-alpha", type=float, help="default: 2 x rank")
+    p.add_argument("--mlp", action="store_true", help="LoRA on the MLP projections too")
+    p.add_argument("--lora-latent", action="store_true",
+                   help="LoRA on kv_a_proj_with_mqa instead of training it (and kv_a_layernorm) in full")
+    p.add_argument("--loss", choices=["kd", "lm", "kd+lm"], default=d.loss)
+    p.add_argument("--hidden-weight", type=float, default=d.hidden_weight,
+                   help="weight of the per-layer hidden-state match to the teacher (0: logits only)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out perplexity every N steps")
+    p.add_argument("--eval-sequences", type=int, default=d.eval_sequences, help="held-out sequences")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="checkpoint every N steps")
+    p.add_argument("--mixed-precision", choices=["no", "bf16"], default=d.mixed_precision)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT.checkpoints/")
+    p.add_argument("--adapter-only", action="store_true", help="save a peft adapter instead of the merged model")
+    p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true", help="allow a teacher with pickled .bin weights")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the teacher repository's own code")
 
 
 def _add_push(sub):
@@ -133,6 +172,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_heal(args) -> int:
+    from .heal import heal
+
+    report = heal(
+        args.model_dir, args.output, teacher=args.teacher and _source(args.teacher), data=args.data,
+        text_field=args.text_field, resume=args.resume, adapter_only=args.adapter_only, overwrite=args.overwrite,
+        keep_checkpoints=args.keep_checkpoints, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, mlp=args.mlp, full_latent=not args.lora_latent,
+        loss=args.loss, hidden_weight=args.hidden_weight, eval_every=args.eval_every, eval_sequences=args.eval_sequences,
+        checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+    )  # fmt: skip
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # under accelerate launch, one summary
+        curve = report["held_out_perplexity"]
+        print(f"\nWrote {args.output}: {report['tokens_seen']} tokens in {report['train_seconds']} s "
+              f"({report['tokens_per_s']} tokens/s); held-out perplexity {curve[0]['perplexity']:.3f} -> "
+              f"{curve[-1]['perplexity']:.3f}")  # fmt: skip
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from .sweep import format_sweep, sweep
 
@@ -168,11 +228,13 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     _add_convert(sub)
     _add_eval(sub)
+    _add_heal(sub)
     _add_sweep(sub)
     _add_push(sub)
     args = parser.parse_args(argv)
     try:
-        return {"convert": cmd_convert, "eval": cmd_eval, "sweep": cmd_sweep, "push": cmd_push}[args.verb](args)
+        return {"convert": cmd_convert, "eval": cmd_eval, "heal": cmd_heal, "sweep": cmd_sweep,
+                "push": cmd_push}[args.verb](args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: say what and how to fix, no traceback
         print(f"hf-mla {args.verb}: error: {e}", file=sys.stderr)
         return 2
