@@ -107,6 +107,15 @@ def _add_heal(sub):
     p.add_argument("--trust-remote-code", action="store_true", help="run the teacher repository's own code")
 
 
+def _add_export_deepseek(sub):
+    p = sub.add_parser("export-deepseek", help="re-lay an hf_mla checkpoint as deepseek_v3 (vLLM / SGLang / stock "
+                       "transformers load it with no custom code)")  # fmt: skip
+    p.add_argument("model_dir", help="an hf_mla checkpoint (converted with --target deepseek)")
+    p.add_argument("output")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--overwrite", action="store_true")
+
+
 def _add_push(sub):
     p = sub.add_parser("push", help="upload a checkpoint folder to the Hugging Face Hub")
     p.add_argument("model_dir")
@@ -208,6 +217,14 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_export_deepseek(args) -> int:
+    from .deepseek import export_deepseek
+
+    report = export_deepseek(args.model_dir, args.output, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    print(f"Wrote {args.output} (model_type deepseek_v3, rope_parameters {report['rope_parameters']})")
+    return 0
+
+
 def cmd_push(args) -> int:
     from .hub import push
 
@@ -230,11 +247,12 @@ def main(argv=None) -> int:
     _add_eval(sub)
     _add_heal(sub)
     _add_sweep(sub)
+    _add_export_deepseek(sub)
     _add_push(sub)
     args = parser.parse_args(argv)
     try:
         return {"convert": cmd_convert, "eval": cmd_eval, "heal": cmd_heal, "sweep": cmd_sweep,
-                "push": cmd_push}[args.verb](args)
+                "export-deepseek": cmd_export_deepseek, "push": cmd_push}[args.verb](args)
     except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: say what and how to fix, no traceback
         print(f"hf-mla {args.verb}: error: {e}", file=sys.stderr)
         return 2
