@@ -30,6 +30,8 @@ def _add_convert(sub):
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only once the new one is done)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pickled pytorch_model*.bin weights")
     p.add_argument("--trust-remote-code", action="store_true", help="run the source repository's own code")
+    p.add_argument("--target", choices=["hf_mla", "deepseek"], default="hf_mla",
+                   help="deepseek: a model `hf-mla export-deepseek` re-lays exactly for vLLM / SGLang")
     p.add_argument("--base-model", help="the source's Hub id, for the model card (when it cannot be read from it)")
 
 
@@ -150,7 +152,7 @@ def cmd_convert(args) -> int:
         calibration_seq_len=args.calibration_seq_len, fit_steps=args.fit_steps, fit_seq_len=args.fit_seq_len,
         dtype=args.dtype, overwrite=args.overwrite,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, max_shard_size=args.max_shard_size,
-        base_model=args.base_model,
+        base_model=args.base_model, target=args.target,
     )  # fmt: skip
     b = report["budget"]
     print(

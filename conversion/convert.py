@@ -31,6 +31,8 @@ from .sources import Source, SourceError, open_source
 logger = logging.get_logger(__name__)
 
 ROPE_HEADS = ("shared", "per-kv-head")
+TARGETS = ("hf_mla", "deepseek")
+DEEPSEEK_SELECTIONS = ("high", "uniform")
 
 
 def source_dims(config) -> tuple[int, int, int]:
@@ -193,13 +195,26 @@ def convert(
     trust_remote_code: bool = False,
     max_shard_size: int | str = "2GB",
     base_model: str | None = None,
+    target: str = "hf_mla",
     progress: bool = True,
 ) -> dict:
     """Convert `source` (folder, .gguf file or Hub id) to an hf_mla checkpoint in `output_dir`; returns the report
     that is also written as conversion_report.json. `calibration`: text files / folders / a dataset name, or a
     LongTensor of token ids (N, T) already packed (the sweep tokenizes once for all budgets). `base_model`: the
-    source's Hub id for the model card, where it cannot be read from the source itself."""
+    source's Hub id for the model card, where it cannot be read from the source itself. `target="deepseek"`:
+    a model that `export_deepseek` re-lays exactly (one shared RoPE key, a DeepSeek-reproducible RoPE selection,
+    a latent RMSNorm initialised from calibration statistics, no biases: the ones that cannot be removed exactly
+    are removed and reported)."""
     t0 = time.time()
+    if target not in TARGETS:
+        raise ValueError(f"target is {target!r}; choose one of {TARGETS}.")
+    if target == "deepseek":
+        if rope_heads != "shared":
+            raise ValueError("--target deepseek needs --rope-heads shared (DeepSeek caches one RoPE key).")
+        rope_selection = "high" if rope_selection == "auto" else rope_selection
+        if rope_selection not in DEEPSEEK_SELECTIONS:
+            raise ValueError(f"--target deepseek keeps RoPE frequencies DeepSeek's schedule can reproduce: "
+                             f"--rope-selection {' or '.join(DEEPSEEK_SELECTIONS)}, not {rope_selection!r}.")  # fmt: skip
     check_output_dir(output_dir, overwrite)  # fail before any heavy work
     src = source if isinstance(source, Source) else open_source(
         source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
@@ -213,7 +228,11 @@ def convert(
     out_dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or src.dtype)
     names = set(src.tensor_names())
     has_bias = {k: _layer_names(0)[f"{k}_proj.bias"] in names for k in "qkvo"}
+    if target == "deepseek":
+        has_bias = dict.fromkeys(has_bias, False)
     base_kwargs = mla_config_kwargs(cfg, budget, out_dtype, has_bias)
+    if target == "deepseek":
+        base_kwargs["latent_norm"] = True
     inv_freq, attention_factor = hf_mla.modeling_hf_mla.compute_source_inv_freq(
         hf_mla.MlaConfig(**{**base_kwargs, "num_hidden_layers": 1, "rope_frequency_indices": None,
                             "qk_rope_head_dim": 2, "num_rope_heads": 1})  # fmt: skip
@@ -249,6 +268,9 @@ def convert(
             for n in sorted(names):
                 if n.startswith(prefix) and ".self_attn." not in n:
                     state[n[len(prefix) :]] = src.get(n)
+            if target == "deepseek":
+                removed = _deepseek_layer(state, h, ln1.float(), eps, budget["kv_lora_rank"],
+                                          base_kwargs.get("latent_norm_eps", 1e-6))  # fmt: skip
             fit = None
             if needs_stats:
                 lcfg = layer_config(base_kwargs, conv.pairs, conv.qk_nope_head_dim)
@@ -265,6 +287,7 @@ def convert(
                 "layer": i, "rope_pairs": conv.pairs, "retained_energy": round(conv.retained, 6),
                 "seconds": round(time.time() - t_layer, 3),
                 **({"fit_error_before": round(fit[0], 6), "fit_error_after": round(fit[1], 6)} if fit else {}),
+                **({"removed_biases": removed} if target == "deepseek" and removed else {}),
             })  # fmt: skip
             bar.update(layer_bytes[i])
             bar.set_postfix(layer=i, retained=f"{conv.retained:.3f}")
@@ -286,7 +309,7 @@ def convert(
             "origin": {**src.card_metadata(), **({"base_model": base_model} if base_model else {})},
             "settings": {**asdict(plan), "dtype": str(out_dtype), "requested_kv_budget": kv_budget,
                          "fit_steps": fit_steps, "fit_sequences": fit_sequences, "fit_lr": fit_lr,
-                         "fit_seq_len": fit_seq_len},
+                         "fit_seq_len": fit_seq_len, "target": target},
             "budget": budget,
             "calibration": calib_info,
             "layers": layers_report,
@@ -299,6 +322,33 @@ def convert(
         write_model_card(tmp, repo_id=None)
     logger.info(f"Wrote {output_dir} in {report['timings']['total_s']} s")
     return report
+
+
+def _deepseek_layer(state: dict, h, ln_weight, eps: float, dc: int, latent_eps: float, max_tokens: int = 8192) -> dict:
+    """DeepSeek form for one converted layer's tensors, in place: remove the biases (reporting each one's norm: the
+    error of removing it), and add a latent RMSNorm (kv_a_layernorm) that leaves the layer's output as close as one
+    scalar can. RMSNorm divides each token's latent by its own RMS r_t, so kv_b_proj is multiplied by the a that
+    minimises sum_t ||y_t - a y_t / r_t||^2 (y_t = kv_b_proj c_t) over the calibration tokens: a = sum ||y||^2/r /
+    sum ||y||^2/r^2. The per-layer fit that follows also trains the norm's weight."""
+    removed = {}
+    for name in [n for n in state if n.startswith("self_attn.") and n.endswith(".bias")]:
+        removed[name.removeprefix("self_attn.")] = round(state.pop(name).double().norm().item(), 6)
+    w_a = state["self_attn.kv_a_proj_with_mqa.weight"].double()[:dc]  # (dc, d)
+    w_b = state["self_attn.kv_b_proj.weight"].double()  # (H * (dn + dv), dc)
+    if h is not None:
+        x = rms_norm(h.reshape(-1, h.shape[-1])[:max_tokens], ln_weight, eps).double()  # (N, d)
+        c = x @ w_a.T  # (N, dc)
+    else:  # weight-only: the latent of inputs with identity covariance
+        c = w_a.T.new_zeros(0, dc)
+    if c.shape[0]:
+        r = (c.pow(2).mean(-1) + latent_eps).sqrt()  # (N,)
+        y2 = (c @ w_b.T).pow(2).sum(-1)  # (N,)
+        a = ((y2 / r).sum() / (y2 / r.pow(2)).sum()).item()
+    else:
+        a = (w_a.pow(2).sum() / dc).sqrt().item()
+    state["self_attn.kv_b_proj.weight"] = (w_b * a).to(state["self_attn.kv_b_proj.weight"].dtype)
+    state["self_attn.kv_a_layernorm.weight"] = torch.ones(dc, dtype=state["self_attn.kv_b_proj.weight"].dtype)
+    return removed
 
 
 def _peak_rss_mb() -> float:

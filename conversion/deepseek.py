@@ -99,6 +99,8 @@ def check_deepseek_compatible(config) -> dict:
     if biases or getattr(config, "mlp_bias", False):
         problems.append(f"bias tensors ({', '.join(biases + (['mlp_bias'] if config.mlp_bias else []))}), which "
                         f"DeepSeek has none of: {_FLAG} (it removes them and reports what that costs)")  # fmt: skip
+    if config.latent_norm_eps != 1e-6:
+        problems.append(f"latent_norm_eps {config.latent_norm_eps}, DeepSeek's latent and query norms use 1e-6")
     if config.hidden_act != "silu":
         problems.append(f"hidden_act {config.hidden_act!r}, DeepSeek's MLP is silu")
     params, order, rope_problems = (None, None, []) if config.num_rope_heads != 1 else deepseek_rope(config)

@@ -25,6 +25,8 @@ class MlaConfig(PreTrainedConfig):
             query heads share them in equal consecutive groups, as in GQA.
         latent_norm: RMSNorm on the latent (`kv_a_layernorm`), as DeepSeek has. Converted models start without it,
             because a norm cannot represent the source's linear keys exactly.
+        latent_norm_eps: epsilon of `kv_a_layernorm` and `q_a_layernorm`; DeepSeek builds both with 1e-6 whatever
+            its `rms_norm_eps`, so the default matches it (an exported model must compute the same norm).
         q_proj_bias / kv_a_proj_bias / kv_b_proj_bias / o_proj_bias: biases (a Qwen2 source has q/k/v biases).
         attention_path: "auto" (absorbed for decode steps, materialized for prefill and training), "absorbed" or
             "materialized". Both paths compute the same function.
@@ -83,6 +85,7 @@ class MlaConfig(PreTrainedConfig):
     v_head_dim: int = 128
     num_rope_heads: int = 1
     latent_norm: bool = True
+    latent_norm_eps: float = 1e-6
     q_proj_bias: bool = False
     kv_a_proj_bias: bool = False
     kv_b_proj_bias: bool = False

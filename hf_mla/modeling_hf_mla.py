@@ -191,13 +191,13 @@ class MlaAttention(nn.Module):
             self.q_proj = nn.Linear(config.hidden_size, H * dqk, bias=config.q_proj_bias)
         else:
             self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=config.q_proj_bias)
-            self.q_a_layernorm = MlaRMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_a_layernorm = MlaRMSNorm(config.q_lora_rank, eps=config.latent_norm_eps)
             self.q_b_proj = nn.Linear(config.q_lora_rank, H * dqk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(
             config.hidden_size, self.kv_lora_rank + self.num_rope_heads * self.qk_rope_head_dim,
             bias=config.kv_a_proj_bias,
         )  # fmt: skip
-        self.kv_a_layernorm = MlaRMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps) if config.latent_norm else None
+        self.kv_a_layernorm = MlaRMSNorm(self.kv_lora_rank, eps=config.latent_norm_eps) if config.latent_norm else None
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=config.kv_b_proj_bias
         )

