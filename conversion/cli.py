@@ -98,7 +98,8 @@ def _add_heal(sub):
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out perplexity every N steps")
     p.add_argument("--eval-sequences", type=int, default=d.eval_sequences, help="held-out sequences")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="checkpoint every N steps")
-    p.add_argument("--mixed-precision", choices=["no", "bf16"], default=d.mixed_precision)
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default=d.mixed_precision,
+                   help="auto: bf16 autocast where the hardware computes bf16 natively")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT.checkpoints/")

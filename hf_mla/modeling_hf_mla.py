@@ -268,7 +268,10 @@ class MlaAttention(nn.Module):
         query = torch.cat((q_nope, q_rope), dim=-1).transpose(1, 2)  # (B, H, T, dn + dr)
 
         implementation = self.config._attn_implementation
-        pad_value = "flash" in (implementation or "") and dv < dn + dr  # flash kernels want equal head dims
+        # Flash kernels want equal head dims; so does sdpa's fused CPU kernel, which otherwise falls back to the math
+        # path (a materialized (B, H, T, S) softmax, ~1.5x slower forward + backward at T = 512).
+        fused = "flash" in (implementation or "") or (implementation == "sdpa" and query.device.type == "cpu")
+        pad_value = fused and dv < dn + dr
         if pad_value:
             value = F.pad(value, (0, dn + dr - dv))
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)

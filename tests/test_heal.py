@@ -17,7 +17,7 @@ from conversion import convert
 from conversion.heal import HealSettings, _loss, heal
 
 
-TINY = dict(tokens=768, seq_len=32, batch_size=4, lora_rank=4, eval_every=4, eval_sequences=2, lr=3e-3)
+TINY = dict(tokens=768, seq_len=32, batch_size=4, grad_accum=1, lora_rank=4, eval_every=4, eval_sequences=2, lr=3e-3)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,8 @@ def test_lm_loss_without_teacher_and_cli(pair, tmp_path, capsys):
     from conversion.cli import main
 
     args = ["heal", str(pair / "mla"), str(tmp_path / "lm"), "--data", str(pair / "train.txt"), "--loss", "lm",
-            "--tokens", "256", "--seq-len", "32", "--batch-size", "2", "--lora-rank", "2", "--eval-sequences", "2"]
+            "--tokens", "256", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "1", "--lora-rank", "2",
+            "--eval-sequences", "2"]
     assert main(args) == 0
     assert "held-out perplexity" in capsys.readouterr().out
     report = json.loads((tmp_path / "lm" / "healing_report.json").read_text())
@@ -131,7 +132,7 @@ def test_two_process_cpu_run_writes_one_output(pair, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "conversion.cli", "heal", str(pair / "mla"),
            str(tmp_path / "ddp"), "--teacher", str(pair / "src"), "--data", str(pair / "train.txt"), "--tokens", "512",
-           "--seq-len", "32", "--batch-size", "2", "--lora-rank", "2", "--eval-sequences", "2"]  # fmt: skip
+           "--seq-len", "32", "--batch-size", "2", "--grad-accum", "1", "--lora-rank", "2", "--eval-sequences", "2"]  # fmt: skip
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "ddp" / "healing_report.json").read_text())
