@@ -40,6 +40,9 @@ def main():
     p.add_argument("--lr", type=float)
     p.add_argument("--hidden-weight", type=float)
     p.add_argument("--tag", default="", help="suffix of the result files")
+    p.add_argument("--target", default="hf_mla", choices=["hf_mla", "deepseek"], help="convert()'s target")
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--full-lr-scale", type=float)
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -47,10 +50,10 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     gguf = embedded_default_source()
     austen = sorted(map(str, (DATA / "austen").glob("*.txt")))
-    converted = work / f"converted-{args.kv_budget:g}"
+    converted = work / f"converted-{args.kv_budget:g}" if args.target == "hf_mla" else work / f"converted-{args.kv_budget:g}-{args.target}"
     src = open_source(gguf)
     if not (converted / "conversion_report.json").is_file():
-        convert(src, converted, kv_budget=args.kv_budget, calibration=austen, overwrite=True)
+        convert(src, converted, kv_budget=args.kv_budget, calibration=austen, overwrite=True, target=args.target)
     tokenizer = src.load_tokenizer()
     ids = pack_tokens(tokenizer, load_texts([DATA / "britannica-1911-shakespeare.txt"]), seq_len=512, max_tokens=8192)
 
@@ -60,13 +63,14 @@ def main():
             model = AutoModelForCausalLM.from_pretrained(path_or_model, dtype=torch.float32).eval()
         return perplexity(model, ids)
 
-    res = {"source": ppl(src.load_model()), "zero_shot": ppl(converted), "runs": [],
+    res = {"source": ppl(src.load_model()), "zero_shot": ppl(converted), "runs": [], "target": args.target,
            "machine": {"python": platform.python_version(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
     print(f"source {res['source']:.3f}  zero-shot {res['zero_shot']:.3f} ({res['zero_shot'] / res['source']:.2f}x)")
-    overrides = {k: v for k, v in (("lr", args.lr), ("hidden_weight", args.hidden_weight)) if v is not None}
+    overrides = {k: v for k, v in (("lr", args.lr), ("hidden_weight", args.hidden_weight), ("grad_accum", args.grad_accum),
+                                   ("full_lr_scale", args.full_lr_scale)) if v is not None}  # fmt: skip
     for n in [int(t) for t in args.tokens.split(",")]:
-        out = work / f"healed-{args.kv_budget:g}-{n}{args.tag}"
+        out = work / f"healed-{args.kv_budget:g}-{args.target}-{n}{args.tag}"
         report = heal(converted, out, teacher=gguf, data=austen, tokens=n, overwrite=True, **overrides)
         row = {"tokens": report["tokens_seen"], "tokens_per_s": report["tokens_per_s"],
                "train_s": report["train_seconds"], "perplexity": ppl(out), "settings": report["settings"]}

@@ -39,12 +39,13 @@ class HealSettings:
     tokens: int = 200_000
     seq_len: int = 512
     batch_size: int = 1  # per micro-batch: on CPU, larger transient tensors cost more than they save (measured)
-    grad_accum: int = 4
+    grad_accum: int = 1  # more, smaller steps heal more per token (measured: 2.47x vs 2.95x the source ppl)
     lr: float = 1e-3
     lora_rank: int = 32
     lora_alpha: float | None = None  # None: 2 * rank
     mlp: bool = False  # LoRA on the MLP too
     full_latent: bool = True  # train kv_a_proj_with_mqa (and kv_a_layernorm) in full instead of with LoRA
+    full_lr_scale: float = 0.1  # learning rate of the fully trained weights, relative to the LoRA one
     loss: str = "kd"
     hidden_weight: float = 1.0  # weight of the per-layer hidden-state match (0: logits only)
     temperature: float = 1.0
@@ -258,7 +259,11 @@ def heal(
     model = _lora_model(model, s)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, weight_decay=0.0)
+    # LoRA starts from zero (B = 0) and needs a large step; the full weights are already close to right.
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    full = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    groups = [{"params": lora, "lr": s.lr}] + ([{"params": full, "lr": s.lr * s.full_lr_scale}] if full else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, int(s.warmup * total_steps))
 
     def schedule(step):

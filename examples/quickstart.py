@@ -1,5 +1,5 @@
 """The main job, end to end and offline: convert the embedded SmolLM2-135M-Instruct to MLA at 1/4 of its KV cache,
-then compare perplexity, KV-cache size and a greedy answer with the source model.
+then compare perplexity, KV-cache size, decode speed and a greedy answer with the source model.
 
     python examples/quickstart.py [--kv-budget 0.25] [--out outputs/smollm2-135m-mla]
 
@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 import hf_mla  # noqa: F401  (registers the model type with the Auto classes)
-from conversion import convert, embedded_default_source, open_source, perplexity
-from conversion.data import load_texts, pack_tokens
-from conversion.evaluate import greedy_sample, kv_cache_bytes_per_token
+from conversion import convert, embedded_default_source, open_source
+from conversion.evaluate import evaluate, format_evaluation, save_evaluation
 
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -38,20 +36,14 @@ def main():
     report = convert(source, args.out, kv_budget=args.kv_budget, calibration=args.calibration, overwrite=True)
     print(f"converted in {time.time() - t0:.0f} s -> {args.out}")
 
-    tokenizer = source.load_tokenizer()
-    ids = pack_tokens(tokenizer, load_texts(args.eval_text), seq_len=512, max_tokens=args.eval_tokens)
-    models = {"source": source.load_model(), "mla": AutoModelForCausalLM.from_pretrained(args.out).eval()}
-    rows = {}
-    for name, model in models.items():
-        rows[name] = (perplexity(model, ids, progress=True), kv_cache_bytes_per_token(model, ids[:1]))
-    print(f"\n{'':8}{'perplexity':>12}{'KV bytes/token':>16}")
-    for name, (ppl, kv) in rows.items():
-        print(f"{name:8}{ppl:12.2f}{kv:16.0f}")
-    print(f"{'ratio':8}{rows['mla'][0] / rows['source'][0]:12.2f}{rows['mla'][1] / rows['source'][1]:16.3f}")
-    print(f"(budget reached {report['budget']['kv_budget_reached']:.4f}; {ids.numel()} evaluation tokens)\n")
-    prompt = "What is the capital of France?"
-    for name, model in models.items():
-        print(f"{name}: {greedy_sample(model, tokenizer, prompt)!r}")
+    # perplexity on the same tokens, KV bytes measured on the caches, decode speed at 512 tokens, a greedy answer;
+    # saved into the checkpoint (evaluation.json + the figures in its model card README.md)
+    result = evaluate(args.out, baseline=source, text=args.eval_text, max_tokens=args.eval_tokens, speed=[(512, 1)],
+                      prompt="What is the capital of France?")  # fmt: skip
+    save_evaluation(args.out, result)
+    print()
+    print(format_evaluation(result))
+    print(f"(budget reached {report['budget']['kv_budget_reached']:.4f}; model card: {args.out}/README.md)")
 
 
 if __name__ == "__main__":
