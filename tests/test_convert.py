@@ -145,6 +145,21 @@ def test_per_layer_fit_lowers_each_layers_attention_error(tmp_path):
         assert layer["fit_error_after"] < 0.8 * layer["fit_error_before"], layer
 
 
+def test_stream_fit_targets_the_source_models_own_stream(tmp_path):
+    """fit_target="stream": layer 0 sees the source's own inputs, so its fit is the local one; from layer 1 on the
+    target also undoes the drift of the layers before, so the errors differ."""
+    save_source(tmp_path / "src", num_hidden_layers=3)
+    common = dict(kv_budget=0.25, calibration=[_text(tmp_path)], calibration_seq_len=32, calibration_tokens=512,
+                  fit_steps=5, fit_seq_len=32, progress=False)  # fmt: skip
+    local = convert(tmp_path / "src", tmp_path / "local", fit_target="local", **common)["layers"]
+    stream = convert(tmp_path / "src", tmp_path / "stream", fit_target="stream", **common)["layers"]
+    assert local[0]["fit_error_before"] == stream[0]["fit_error_before"]
+    assert local[0]["fit_error_after"] == stream[0]["fit_error_after"]
+    assert local[2]["fit_error_before"] != stream[2]["fit_error_before"]
+    with pytest.raises(ValueError, match="fit_target"):
+        convert(tmp_path / "src", tmp_path / "bad", fit_target="global", **common)
+
+
 def test_shared_rope_key_is_exact_for_a_single_kv_head(tmp_path, ids):
     """With one KV head the per-pair PCA has nothing to drop: a shared key with every pair is the source."""
     source = save_source(tmp_path / "src", num_key_value_heads=1)
