@@ -25,7 +25,7 @@ from .calibrate import fit_attention, input_covariance, layer_config, rms_norm, 
 from .data import TokenizedText
 from .export import ShardWriter, atomic_output_dir, check_output_dir, copy_remote_code, parse_size
 from .rope import AUTO_STRATEGY, STRATEGIES
-from .sources import Source, SourceError, open_source
+from .sources import _MODEL_TYPES, Source, SourceError, open_source
 
 
 logger = logging.get_logger(__name__)
@@ -322,8 +322,8 @@ def convert(
         config.save_pretrained(tmp)
         src.save_tokenizer(tmp)
         report = {
-            "source": str(getattr(src, "path", source)),
-            "source_architecture": (cfg.architectures or [type(cfg).__name__])[0],
+            "source": str(src.path / src.gguf_file) if src.kind == "gguf" else str(src.path),
+            "source_architecture": (cfg.architectures or [_MODEL_TYPES.get(cfg.model_type, type(cfg).__name__)])[0],
             "origin": {**src.card_metadata(), **({"base_model": base_model} if base_model else {})},
             "settings": {**asdict(plan), "dtype": str(out_dtype), "requested_kv_budget": kv_budget,
                          "fit_steps": fit_steps, "fit_sequences": fit_sequences, "fit_lr": fit_lr,
