@@ -151,3 +151,25 @@ def test_smollm2_target_deepseek_export_is_exact(tmp_path):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert torch.equal(mla.generate(ids[:, :8], max_new_tokens=12, do_sample=False),
                        ds.generate(ids[:, :8], max_new_tokens=12, do_sample=False))  # fmt: skip
+
+
+def test_healing_keeps_a_deepseek_target_model_exportable(tmp_path):
+    from test_convert import TEXT, save_source
+
+    from conversion import convert
+    from conversion.heal import heal
+
+    save_source(tmp_path / "src")
+    (tmp_path / "calib.txt").write_text(TEXT)
+    convert(tmp_path / "src", tmp_path / "mla", kv_budget=0.25, target="deepseek", fit_steps=0,
+            calibration=[str(tmp_path / "calib.txt")], calibration_seq_len=32, calibration_tokens=512, progress=False)  # fmt: skip
+    heal(tmp_path / "mla", tmp_path / "healed", teacher=tmp_path / "src", data=[tmp_path / "calib.txt"], tokens=256,
+         seq_len=32, batch_size=2, eval_sequences=2, lora_rank=2, lr=1e-2, progress=False)  # fmt: skip
+    export_deepseek(tmp_path / "healed", tmp_path / "ds", progress=False)
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "healed", dtype=torch.float32).eval()
+    ds = AutoModelForCausalLM.from_pretrained(tmp_path / "ds", dtype=torch.float32).eval()
+    ids = torch.randint(3, 16, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, actual = healed(ids).logits, ds(ids).logits
+    assert not torch.allclose(expected, AutoModelForCausalLM.from_pretrained(tmp_path / "mla")(ids).logits, atol=1e-4)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
