@@ -95,8 +95,8 @@ def render_model_card(folder: str | os.PathLike) -> ModelCard:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         "# the modeling code ships with the checkpoint; or `pip install hf-mla` and `import hf_mla` instead",
-        f'model = AutoModelForCausalLM.from_pretrained("{{repo_id}}", trust_remote_code=True)',
-        f'tokenizer = AutoTokenizer.from_pretrained("{{repo_id}}")',
+        'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
+        'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
         "```",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")

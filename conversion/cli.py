@@ -5,8 +5,6 @@ import json
 import os
 import sys
 
-import torch
-
 
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert a Llama / Mistral / Qwen2 checkpoint into an hf_mla checkpoint")

@@ -6,12 +6,9 @@ the next layer's inputs. Peak memory is one layer plus the calibration hidden st
 """
 
 import json
-import math
-import os
 import platform
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +22,7 @@ from .calibrate import fit_attention, input_covariance, layer_config, rms_norm, 
 from .data import TokenizedText
 from .export import ShardWriter, atomic_output_dir, check_output_dir, copy_remote_code, parse_size
 from .rope import AUTO_STRATEGY, STRATEGIES
-from .sources import _MODEL_TYPES, Source, SourceError, open_source
+from .sources import _MODEL_TYPES, Source, open_source
 
 
 logger = logging.get_logger(__name__)

@@ -12,9 +12,7 @@ What cannot be changed exactly is refused, each item with the flag that avoids i
 """
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -161,14 +159,11 @@ def export_deepseek(model_dir, output_dir, *, overwrite: bool = False, max_shard
 
     import hf_mla
 
-    from .export import ShardWriter, atomic_output_dir, check_output_dir, parse_size
-    from .sources import _TOKENIZER_FILES
+    from .export import ShardWriter, atomic_output_dir, check_output_dir, parse_size, require_hf_mla
+    from .sources import _TOKENIZER_FILES, _read_index
 
-    model_dir = Path(model_dir).expanduser()
+    model_dir = require_hf_mla(model_dir, "export a folder written by `hf-mla convert --target deepseek` (or heal).")
     check_output_dir(output_dir, overwrite)
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file() or json.loads(cfg_path.read_text()).get("model_type") != "hf_mla":
-        raise ValueError(f"{model_dir} is not an hf_mla checkpoint (no config.json with model_type 'hf_mla').")
     config = hf_mla.MlaConfig.from_pretrained(model_dir)
     compat = check_deepseek_compatible(config)
     rows = _rope_rows(config.qk_rope_head_dim, compat["order"])
@@ -176,7 +171,7 @@ def export_deepseek(model_dir, output_dir, *, overwrite: bool = False, max_shard
     q_scale = ours / config.qk_head_dim**-0.5
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_index(index)
     elif (model_dir / "model.safetensors").is_file():
         with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
             weight_map = {k: "model.safetensors" for k in f.keys()}

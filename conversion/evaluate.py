@@ -151,6 +151,7 @@ def load_for_eval(spec, *, dtype: torch.dtype = torch.float32, allow_pickle: boo
 
     import hf_mla  # noqa: F401  (registers the model type)
 
+    from .export import model_type_of
     from .sources import Source, SourceError, embedded_default_source, open_source
 
     if isinstance(spec, torch.nn.Module):
@@ -158,8 +159,7 @@ def load_for_eval(spec, *, dtype: torch.dtype = torch.float32, allow_pickle: boo
     if isinstance(spec, Source):
         return spec.load_model(dtype), spec.load_tokenizer()
     path = Path(embedded_default_source() if str(spec) == "default" else spec).expanduser()
-    config = path / "config.json"
-    if path.is_dir() and config.is_file() and json.loads(config.read_text()).get("model_type") == "hf_mla":
+    if path.is_dir() and model_type_of(path) == "hf_mla":
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)
     if not path.exists():
         raise SourceError(f"{spec} does not exist; pass a model folder, a .gguf file or 'default'.")

@@ -80,6 +80,28 @@ def copy_remote_code(folder: Path, config) -> None:
     config.architectures = ["MlaForCausalLM"]
 
 
+def model_type_of(folder: str | os.PathLike) -> str | None:
+    """model_type in a folder's config.json, or None when the folder has no config.json."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON ({e}); fix or re-write the checkpoint.") from None
+
+
+def require_hf_mla(folder: str | os.PathLike, fix: str) -> Path:
+    """Refuse a folder that is not an hf_mla checkpoint, saying what it is and `fix`: what to do instead."""
+    folder = Path(folder).expanduser()
+    model_type = model_type_of(folder)
+    if model_type is None:
+        raise ValueError(f"{folder} has no config.json, so it is not an hf_mla checkpoint; {fix}")
+    if model_type != "hf_mla":
+        raise ValueError(f"{folder} holds a {model_type!r} model, not hf_mla; {fix}")
+    return folder
+
+
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(output_dir).expanduser().resolve()
     if out.exists() and not overwrite:

@@ -73,18 +73,6 @@ def _load_teacher(teacher, allow_pickle=False, trust_remote_code=False):
     return load_for_eval(teacher, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
 
 
-def _check_model_dir(model_dir: Path) -> None:
-    config = model_dir / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{model_dir} has no config.json; pass the folder `hf-mla convert` wrote.")
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type != "hf_mla":
-        raise ValueError(
-            f"{model_dir} holds a {model_type!r} model, not hf_mla; heal a converted model (`hf-mla convert` first) "
-            "and pass the original as --teacher."
-        )
-
-
 def _mixed_precision(choice: str) -> str:
     """"auto": bf16 autocast where bf16 matmuls are native (CUDA with bf16, CPUs with AVX512-BF16 / AMX: ~1.4x the
     tokens/s of fp32 on the reference 2-core machine), else fp32. Weights and optimizer state stay fp32 either way."""
@@ -188,7 +176,7 @@ def heal(
     from accelerate.utils import set_seed
 
     from .data import load_texts, pack_tokens, sample_texts_from_model
-    from .export import atomic_output_dir, check_output_dir
+    from .export import check_output_dir, require_hf_mla
 
     unknown = set(settings) - set(HealSettings.__dataclass_fields__)
     if unknown:
@@ -201,8 +189,8 @@ def heal(
                          "or use --loss lm.")  # fmt: skip
     if data is None and teacher is None:
         raise ValueError("no training data: pass --data FILES, or --teacher to train on text the teacher samples.")
-    model_dir = Path(model_dir).expanduser()
-    _check_model_dir(model_dir)
+    model_dir = require_hf_mla(model_dir, "heal a converted model (`hf-mla convert` first) and pass the original as "
+                               "--teacher.")  # fmt: skip
     out = check_output_dir(output_dir, overwrite)
     ckpt_root = out.parent / f"{out.name}.checkpoints"
     if not resume and _latest_checkpoint(ckpt_root) is not None:

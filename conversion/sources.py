@@ -334,7 +334,7 @@ class Source:
 
 
 def _readme_metadata(folder: Path) -> dict:
-    """license (and base_model, if the card names one) from a model folder's README.md YAML header."""
+    """license from a model folder's README.md YAML header (a card's own base_model names *its* parent, not it)."""
     readme = folder / "README.md"
     if not readme.is_file():
         return {}
