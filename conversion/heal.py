@@ -130,18 +130,15 @@ def _hidden_loss(student_hidden, teacher_hidden):
     return torch.stack(losses).mean()
 
 
-@torch.no_grad()
 def _perplexity(model, ids, batch_size):
+    """Held-out perplexity of the packed rows (each row one window), in eval mode, back to training after."""
+    from .evaluate import perplexity
+
     model.eval()
-    nll, n = 0.0, 0
-    device = next(model.parameters()).device
-    for i in range(0, ids.shape[0], batch_size):
-        batch = ids[i : i + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
-        n += batch[:, 1:].numel()
-    model.train()
-    return math.exp(nll / n)
+    try:
+        return perplexity(model, ids, context=ids.shape[1], batch_size=batch_size)
+    finally:
+        model.train()
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
@@ -269,7 +266,7 @@ def heal(
     if latest is not None:
         accelerator.load_state(str(latest))
         meta = json.loads((latest / "heal_state.json").read_text())
-        if meta["settings"] != {k: v for k, v in asdict(s).items()}:
+        if meta["settings"] != asdict(s):
             raise ValueError(f"{latest} was written with other settings ({meta['settings']}); resume with the same "
                              "options, or delete the checkpoints to start over.")  # fmt: skip
         step, history, tokens_seen, train_seconds = meta["step"], meta["history"], meta["tokens_seen"], meta["seconds"]
@@ -277,8 +274,8 @@ def heal(
     elif resume:
         logger.warning(f"--resume: no checkpoint in {ckpt_root}; starting from the beginning.")
 
-    base_ppl = _perplexity(accelerator.unwrap_model(model), eval_ids, s.batch_size) if step == 0 else None
     if step == 0:
+        base_ppl = _perplexity(accelerator.unwrap_model(model), eval_ids, s.batch_size)
         history["eval"].append({"step": 0, "tokens": 0, "perplexity": base_ppl})
     bar = tqdm(total=total_steps, initial=step, desc="Healing", unit="step",
                disable=not (progress and accelerator.is_main_process))  # fmt: skip
