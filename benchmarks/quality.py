@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
+from conversion.evaluate import peak_rss_mb  # noqa: E402  (VmHWM: ru_maxrss inherits the parent's across exec)
 
 BUDGETS = (0.5, 0.25, 0.125)
 TARGETS = {0.5: 1.3, 0.25: 2.0, 0.125: 4.0}  # issue targets for the zero-shot ppl ratio
@@ -59,12 +60,6 @@ def busy_seconds() -> float:
     """CPU-seconds all cores spent busy since boot (/proc/stat, USER_HZ = 100)."""
     f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
     return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / 100  # user nice system irq softirq steal
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process: VmHWM. Not getrusage's ru_maxrss, which a child started by fork/exec inherits from
-    its parent's high-water mark (Linux keeps the larger of the two across exec)."""
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
 
 
 def cpu_seconds() -> float:

@@ -20,6 +20,7 @@ from .attention import AttentionPlan, convert_attention, rope_layout
 from .card import write_model_card
 from .calibrate import fit_attention, input_covariance, layer_config, rms_norm, run_layer, source_attention
 from .data import TokenizedText
+from .evaluate import peak_rss_mb
 from .export import ShardWriter, atomic_output_dir, check_output_dir, copy_remote_code, parse_size
 from .rope import AUTO_STRATEGY, STRATEGIES
 from .sources import _MODEL_TYPES, Source, open_source
@@ -198,7 +199,7 @@ def convert(
 ) -> dict:
     """Convert `source` (folder, .gguf file or Hub id) to an hf_mla checkpoint in `output_dir`; returns the report
     that is also written as conversion_report.json. `calibration`: text files / folders / a dataset name, or a
-    LongTensor of token ids (N, T) already packed (the sweep tokenizes once for all budgets). `base_model`: the
+    `TokenizedText` already packed (the sweep tokenizes once for all budgets). `base_model`: the
     source's Hub id for the model card, where it cannot be read from the source itself. `target="deepseek"`:
     a model that `export_deepseek` re-lays exactly (one shared RoPE key, a DeepSeek-reproducible RoPE selection,
     a latent RMSNorm initialised from calibration statistics, no biases: the ones that cannot be removed exactly
@@ -208,6 +209,8 @@ def convert(
     drift the converted layers before have accumulated. Each layer then corrects the error of those before it
     instead of carrying it forward (SmolLM2-135M at 1/4: 4.04x -> 3.67x the source perplexity, same cost)."""
     t0 = time.time()
+    if fit_target not in ("local", "stream"):
+        raise ValueError(f"fit_target is {fit_target!r}; choose 'local' or 'stream'.")
     if target not in TARGETS:
         raise ValueError(f"target is {target!r}; choose one of {TARGETS}.")
     if target == "deepseek":
@@ -242,8 +245,6 @@ def convert(
 
     needs_stats = plan.factorization == "activation" or plan.selection in ("2norm", "rotation")
     calib_info, h, h_src = None, None, None
-    if fit_target not in ("local", "stream"):
-        raise ValueError(f"fit_target is {fit_target!r}; choose 'local' or 'stream'.")
     if needs_stats:
         ids, calib_info = calibration_ids(src, calibration, tokens=calibration_tokens, seq_len=calibration_seq_len)
         h = torch.nn.functional.embedding(ids, src.get("model.embed_tokens.weight").float())  # (N, T, d)
@@ -290,7 +291,7 @@ def convert(
                                                      attention_factor=attention_factor)  # fmt: skip
                             # the attention output that puts the converted stream back on the source's
                             y = a_src + (h_src - h[:fit_sequences, :fit_seq_len])
-                            h_src = _source_mlp_step(h_src + a_src, state, eps)
+                            h_src = _source_mlp_step(h_src + a_src, state, lcfg, eps)
                         else:
                             y = source_attention(x, wf, n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
                                                  attention_factor=attention_factor)  # fmt: skip
@@ -330,7 +331,7 @@ def convert(
             "layers": layers_report,
             "mean_retained_energy": sum(r["retained_energy"] for r in layers_report) / n_layers,
             "timings": {"calibration_data_s": round(t_calib, 2), "total_s": round(time.time() - t0, 2)},
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "versions": _versions(),
         }
         (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -339,14 +340,12 @@ def convert(
     return report
 
 
-def _source_mlp_step(h: torch.Tensor, state: dict, eps: float) -> torch.Tensor:
-    """h + the source layer's MLP(post_attention_layernorm(h)): the MLP half of a source decoder layer."""
-    import torch.nn.functional as F
-
-    x = rms_norm(h, state["post_attention_layernorm.weight"].float(), eps)
-    gate = F.linear(x, state["mlp.gate_proj.weight"].float())
-    up = F.linear(x, state["mlp.up_proj.weight"].float())
-    return h + F.linear(F.silu(gate) * up, state["mlp.down_proj.weight"].float())
+def _source_mlp_step(h: torch.Tensor, state: dict, config, eps: float) -> torch.Tensor:
+    """h + the source layer's MLP(post_attention_layernorm(h)): the MLP half of a source decoder layer, run by the
+    converted model's own MLP module (the MLP is carried over unchanged, activation and biases included)."""
+    mlp = hf_mla.modeling_hf_mla.MlaMLP(config)
+    mlp.load_state_dict({k.removeprefix("mlp."): v.float() for k, v in state.items() if k.startswith("mlp.")})
+    return h + mlp(rms_norm(h, state["post_attention_layernorm.weight"].float(), eps))
 
 
 def _deepseek_layer(state: dict, h, ln_weight, eps: float, dc: int, latent_eps: float, max_tokens: int = 8192) -> dict:
@@ -360,26 +359,17 @@ def _deepseek_layer(state: dict, h, ln_weight, eps: float, dc: int, latent_eps: 
         removed[name.removeprefix("self_attn.")] = round(state.pop(name).double().norm().item(), 6)
     w_a = state["self_attn.kv_a_proj_with_mqa.weight"].double()[:dc]  # (dc, d)
     w_b = state["self_attn.kv_b_proj.weight"].double()  # (H * (dn + dv), dc)
-    if h is not None:
+    if h is None:  # weight-only: the latent RMS of inputs with identity covariance
+        a = (w_a.pow(2).sum() / dc).sqrt().item()
+    else:
         x = rms_norm(h.reshape(-1, h.shape[-1])[:max_tokens], ln_weight, eps).double()  # (N, d)
         c = x @ w_a.T  # (N, dc)
-    else:  # weight-only: the latent of inputs with identity covariance
-        c = w_a.T.new_zeros(0, dc)
-    if c.shape[0]:
         r = (c.pow(2).mean(-1) + latent_eps).sqrt()  # (N,)
         y2 = (c @ w_b.T).pow(2).sum(-1)  # (N,)
         a = ((y2 / r).sum() / (y2 / r.pow(2)).sum()).item()
-    else:
-        a = (w_a.pow(2).sum() / dc).sqrt().item()
     state["self_attn.kv_b_proj.weight"] = (w_b * a).to(state["self_attn.kv_b_proj.weight"].dtype)
     state["self_attn.kv_a_layernorm.weight"] = torch.ones(dc, dtype=state["self_attn.kv_b_proj.weight"].dtype)
     return removed
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _versions() -> dict:

@@ -79,9 +79,9 @@ def _reset_peak_memory(device: torch.device) -> None:
         pass
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def peak_rss_mb() -> float:
+    """Peak RSS of this process: VmHWM (resettable, see `_reset_peak_memory`). Not getrusage's ru_maxrss where
+    VmHWM exists: a child started by fork/exec inherits its parent's high-water mark in ru_maxrss."""
     try:
         status = Path("/proc/self/status").read_text().splitlines()
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
@@ -89,6 +89,12 @@ def _peak_memory_mb(device: torch.device) -> float:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
 
 
 @torch.no_grad()
