@@ -31,6 +31,16 @@ from conversion.heal import heal  # noqa: E402
 DATA = REPO.parent / "shared" / "data"
 
 
+def austen_files() -> list[str]:
+    """The calibration and healing text: the Austen novels."""
+    return sorted(map(str, (DATA / "austen").glob("*.txt")))
+
+
+def britannica_ids(tokenizer) -> torch.Tensor:
+    """The evaluation tokens of every healing figure: the Britannica article's first 16 windows of 512 tokens."""
+    return pack_tokens(tokenizer, load_texts([DATA / "britannica-1911-shakespeare.txt"]), seq_len=512, max_tokens=8192)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="50000,200000")
@@ -49,13 +59,13 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     gguf = embedded_default_source()
-    austen = sorted(map(str, (DATA / "austen").glob("*.txt")))
+    austen = austen_files()
     converted = work / f"converted-{args.kv_budget:g}" if args.target == "hf_mla" else work / f"converted-{args.kv_budget:g}-{args.target}"
     src = open_source(gguf)
     if not (converted / "conversion_report.json").is_file():
         convert(src, converted, kv_budget=args.kv_budget, calibration=austen, overwrite=True, target=args.target)
     tokenizer = src.load_tokenizer()
-    ids = pack_tokens(tokenizer, load_texts([DATA / "britannica-1911-shakespeare.txt"]), seq_len=512, max_tokens=8192)
+    ids = britannica_ids(tokenizer)
 
     def ppl(path_or_model):
         model = path_or_model

@@ -19,10 +19,8 @@ from transformers.utils import logging
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from conversion import embedded_default_source, open_source, perplexity  # noqa: E402
-from conversion.data import load_texts, pack_tokens  # noqa: E402
+from benchmarks.heal import austen_files, britannica_ids  # noqa: E402
 from conversion.heal import heal  # noqa: E402
-
-DATA = REPO.parent / "shared" / "data"
 
 
 def main():
@@ -34,10 +32,9 @@ def main():
         sys.exit(f"{converted} is missing: run `python benchmarks/heal.py --tokens 50000` first.")
     gguf = embedded_default_source()
     src = open_source(gguf)
-    ids = pack_tokens(src.load_tokenizer(), load_texts([DATA / "britannica-1911-shakespeare.txt"]), seq_len=512,
-                      max_tokens=8192)  # fmt: skip
+    ids = britannica_ids(src.load_tokenizer())
     p0 = perplexity(src.load_model(), ids)
-    austen = sorted(map(str, (DATA / "austen").glob("*.txt")))
+    austen = austen_files()
     for kw in runs:
         t = time.time()
         report = heal(converted, work / "ablation-out", teacher=gguf, data=austen, overwrite=True, progress=False, **kw)
