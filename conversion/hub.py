@@ -12,6 +12,9 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from .export import model_type_of
+from .sources import _read_index
+
 
 logger = logging.get_logger(__name__)
 
@@ -31,16 +34,15 @@ def check_checkpoint(folder: str | os.PathLike) -> Path:
     if not folder.is_dir():
         raise PushError(f"{folder} is not a folder; pass the checkpoint folder that `hf-mla convert` wrote.")
     problems = [f"{n} is missing" for n in MODEL_FILES if not (folder / n).is_file()]
-    if (folder / "config.json").is_file():
-        try:
-            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-        except json.JSONDecodeError as e:
-            model_type = f"unreadable ({e})"
-        if model_type != "hf_mla":
-            problems.append(f"config.json has model_type {model_type!r}, not 'hf_mla'")
+    try:
+        model_type = model_type_of(folder)
+    except ValueError as e:
+        model_type = f"unreadable ({e})"
+    if model_type not in (None, "hf_mla"):  # None: config.json missing, already listed
+        problems.append(f"config.json has model_type {model_type!r}, not 'hf_mla'")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = set(json.loads(index.read_text())["weight_map"].values())
+        shards = set(_read_index(index).values())
         problems += [f"{s} (named in the index) is missing" for s in sorted(shards) if not (folder / s).is_file()]
     elif not (folder / "model.safetensors").is_file():
         problems.append("no weights (model.safetensors or model.safetensors.index.json with its shards)")
