@@ -5,9 +5,9 @@ Conversion touches every weight once, so a source is read tensor by tensor throu
 
 - a local Hugging Face folder: config.json + model.safetensors, or shards + model.safetensors.index.json;
   pickled pytorch_model*.bin only with `allow_pickle=True` (a pickle can run code when loaded);
-- a .gguf file (or a folder plus `gguf_file=`). transformers can only read GGUF by dequantizing all of
-  it, so a GGUF source is dequantized once, on first access, into memory. That is fine for the small
-  models people ship as GGUF, and it is exactly what `from_pretrained(..., gguf_file=...)` does;
+- a .gguf file (or a folder plus `gguf_file=`), memory-mapped and dequantized one tensor at a time by the same
+  per-tensor steps transformers' GGUF loader applies to the whole file (so tensors match
+  `from_pretrained(..., gguf_file=...)`), without ever holding the whole dequantized model;
 - a Hub id, fetched with `huggingface_hub.snapshot_download`.
 
 Sliding-window policy. The converted MLA model attends to the full context on every layer.
@@ -164,7 +164,7 @@ class Source:
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._meta: dict[str, tuple[torch.dtype, int]] = {}  # tensor name -> (dtype, nbytes)
         self._handles: dict[Path, object] = {}  # open safe_open handles / mmapped pickle state dicts
-        self._state: dict[str, torch.Tensor] | None = None  # GGUF: the dequantized state dict
+        self._gguf_handle = None  # GGUF: (tensors by HF name, tensor processor, gguf -> HF name map), built once
         self.hub_id: str | None = None  # set when the source was fetched from the Hub
 
     def __repr__(self):
@@ -176,8 +176,8 @@ class Source:
         if self._meta:
             return self._meta
         if self.kind == "gguf":
-            for name, t in self._gguf_state().items():
-                self._meta[name] = (t.dtype, t.numel() * t.element_size())
+            for name, t in self._gguf()[0].items():
+                self._meta[name] = (torch.float32, int(t.n_elements) * 4)  # dequantization yields float32
         elif self.kind == "pickle":
             for f in tqdm(self._files, desc="Indexing pickled shards", disable=len(self._files) < 2):
                 for name, t in self._pickle(f).items():
@@ -213,10 +213,10 @@ class Source:
             raise KeyError(f"tensor {name!r} is not in {self.path} (it has {len(self._meta)} tensors)") from None
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor; only that tensor's bytes are read (GGUF: from the in-memory dequantized copy)."""
+        """Read one tensor; only that tensor's bytes are read (GGUF: dequantized from the memory-mapped file)."""
         self._lookup(name)
         if self.kind == "gguf":
-            return self._gguf_state()[name].clone()  # callers own what they get, as with the file formats
+            return self._gguf_get(name)
         f = self._where[name]
         if self.kind == "pickle":
             return self._pickle(f)[name]
@@ -249,21 +249,47 @@ class Source:
             self._handles[f] = sd
         return self._handles[f]
 
-    def _gguf_state(self) -> dict[str, torch.Tensor]:
-        if self._state is None:
+    def _gguf(self):
+        """(ReaderTensor by HF name, tensor processor, gguf -> HF name map) of a GGUF source, built once from the
+        file's header. transformers' load_gguf_checkpoint dequantizes every tensor of the file before returning any
+        (the whole model in float32, several times the file); reading tensor by tensor keeps a conversion at one
+        layer. The steps per tensor are its own (dequantize, the architecture's TensorProcessor, which un-permutes
+        Llama's q/k rows, and its name map), so the tensors are the ones from_pretrained(gguf_file=...) loads."""
+        if self._gguf_handle is None:
+            from gguf import GGUFReader
             from transformers import AutoModelForCausalLM
-            from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+            from transformers.modeling_gguf_pytorch_utils import (
+                TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field,
+            )  # fmt: skip
 
             f = self.path / self.gguf_file
-            logger.warning(f"Dequantizing all of {f} into memory: transformers can only read a GGUF file whole.")
             try:
+                reader = GGUFReader(str(f))  # memory-mapped: tensor bytes are read when dequantized
+                arch = read_field(reader, "general.architecture")[0]
+                processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=self.config.to_dict())
                 with torch.device("meta"):  # only for the GGUF -> HF name map; allocates nothing
                     skeleton = AutoModelForCausalLM.from_config(self.config)
-                # the very function from_pretrained(gguf_file=...) uses, so names and (un-permuted) q/k layouts match
-                self._state = load_gguf_checkpoint(str(f), return_tensors=True, model_to_load=skeleton)["tensors"]
+                name_map = get_gguf_hf_weights_map(skeleton, processor)
             except Exception as e:
                 raise SourceError(f"could not read the tensors of {f} ({e}); re-download the file.") from e
-        return self._state
+            # the processors of the supported architectures keep GGUF names (only MoE ones rename)
+            tensors = {name_map[t.name]: t for t in reader.tensors if t.name in name_map}
+            self._gguf_handle = (tensors, processor, name_map)
+        return self._gguf_handle
+
+    def _gguf_get(self, name: str) -> torch.Tensor:
+        import numpy as np
+        from gguf import dequantize
+
+        tensors, processor, name_map = self._gguf()
+        t = tensors[name]
+        try:
+            w = dequantize(t.data, t.tensor_type)  # (rows, cols) float32
+        except Exception as e:
+            raise SourceError(f"could not dequantize {t.name!r} of {self.path / self.gguf_file} ({e}); the file may "
+                              "be corrupt or use a quantization gguf cannot read: re-download it.") from e  # fmt: skip
+        w = processor.process(weights=w, name=t.name, tensor_key_mapping=name_map, parsed_parameters={}).weights
+        return torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: callers own what they get
 
     # -- tokenizer and full model
 
@@ -320,8 +346,8 @@ class Source:
         if self.kind == "gguf":
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-            # Reuses the dequantized tensors `get` already paid for; identical to from_pretrained(gguf_file=...).
-            state = {k: v.to(dtype, copy=True) for k, v in self._gguf_state().items()}
+            # The tensors `get` reads, so identical to from_pretrained(gguf_file=...).
+            state = {k: self.get(k).to(dtype) for k in self.tensor_names()}
             cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(self.config)]
             return cls.from_pretrained(None, config=self.config, state_dict=state, dtype=dtype).eval()
         try:

@@ -273,10 +273,15 @@ def test_embedded_gguf_config(gguf_source):
 
 @needs_gguf
 def test_gguf_get_matches_from_pretrained(gguf_source, gguf_reference):
+    """Every tensor, read one at a time from the memory-mapped file, equals what from_pretrained(gguf_file=...)
+    loads (q/k un-permuted included), and each read is a fresh copy the caller may modify."""
     ref = gguf_reference.state_dict()
-    for name in ("model.layers.0.self_attn.k_proj.weight",
-                 "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
-        assert torch.equal(gguf_source.get(name), ref[name]), name
+    for name in gguf_source.tensor_names():
+        t = gguf_source.get(name)
+        assert t.dtype == torch.float32 and torch.equal(t, ref[name]), name
+        assert gguf_source.nbytes(name) == t.numel() * 4
+    t.zero_()
+    assert torch.equal(gguf_source.get(name), ref[name])
     assert gguf_source.has_tied_embeddings and set(gguf_source.tensor_names()) == set(ref) - {"lm_head.weight"}
     assert gguf_source.dtype == torch.float32
 
