@@ -23,16 +23,55 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * hf.to(h.dtype)
 
 
-def input_covariance(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, chunk: int = 8) -> torch.Tensor:
+def input_covariance(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, chunk: int = 8,
+                     token_weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """E[x~ x~^T] (float64, (d + 1)^2) of the attention input x = input_layernorm(h), augmented x~ = [x; 1] so that
-    biases count: the last row and column hold E[x] and 1."""
+    biases count: the last row and column hold E[x] and 1. With `token_weight` (N, T), the weighted mean instead."""
     d = h.shape[-1]
     sigma = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     for i in range(0, h.shape[0], chunk):
         x = rms_norm(h[i : i + chunk], norm_weight, eps).reshape(-1, d).double()  # (chunk * T, d)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (chunk * T, d + 1)
-        sigma += x.T @ x
-    return sigma / (h.shape[0] * h.shape[1])
+        xw = x if token_weight is None else x * token_weight[i : i + chunk].reshape(-1, 1).double()
+        sigma += xw.T @ x
+    total = h.shape[0] * h.shape[1] if token_weight is None else token_weight.double().sum().clamp_min(1e-30)
+    return sigma / total
+
+
+@torch.no_grad()
+def attention_received(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: dict[str, torch.Tensor], *,
+                       n_heads, n_kv_heads, head_dim, inv_freq, attention_factor: float = 1.0,
+                       block: int = 256) -> torch.Tensor:  # fmt: skip
+    """How much attention each calibration token receives in the source layer: sum over queries of the softmax
+    probability, averaged over heads: (N, T), summing to T over each sequence (so its mean is 1).
+
+    A token's key and value matter to the layer's output in proportion to the attention it receives (the output is
+    sum_j p_ij v_j, and a score's gradient is p_ij (v_j - out_i)). Most of it goes to a few "sink" tokens, above all
+    the first one, whose hidden state is an outlier the plain covariance weighs as one token in thousands: a latent
+    fitted to it reconstructs the sink's key and value poorly, and every query that parks attention there reads a
+    wrong value. Computed per sequence and per block of queries, so T x T scores never exist for all heads at once.
+    """
+    N, T, _ = h.shape
+    H, K, D = n_heads, n_kv_heads, head_dim
+    freqs = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq.float()  # (T, D/2)
+    cos = torch.cat([freqs, freqs], -1).cos() * attention_factor
+    sin = torch.cat([freqs, freqs], -1).sin() * attention_factor
+    received = torch.zeros(N, T)
+    for n in range(N):
+        x = rms_norm(h[n], norm_weight, eps)  # (T, d)
+        q = F.linear(x, w["q_proj.weight"].float(), _f(w.get("q_proj.bias"))).view(T, H, D).transpose(0, 1)  # (H, T, D)
+        k = F.linear(x, w["k_proj.weight"].float(), _f(w.get("k_proj.bias"))).view(T, K, D).transpose(0, 1)  # (K, T, D)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k = k.repeat_interleave(H // K, dim=0)  # (H, T, D)
+        for a in range(0, T, block):
+            s = q[:, a : a + block] @ k.transpose(1, 2) * D**-0.5  # (H, b, T)
+            future = torch.arange(T)[None, :] > torch.arange(a, min(a + block, T))[:, None]  # (b, T)
+            received[n] += s.masked_fill(future, float("-inf")).softmax(-1).sum((0, 1)) / H
+    return received
+
+
+def _f(t):
+    return None if t is None else t.float()
 
 
 def layer_config(base: dict, pairs: list[list[int]], qk_nope_head_dim: int) -> "hf_mla.MlaConfig":

@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+from .convert import CALIBRATION_TOKENS, FIT_STEPS
+
 
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert a Llama / Mistral / Qwen2 checkpoint into an hf_mla checkpoint")
@@ -18,14 +20,17 @@ def _add_convert(sub):
     p.add_argument("--rope-selection", choices=["auto", "high", "uniform", "2norm", "rotation"], default="auto")
     p.add_argument("--factorization", choices=["activation", "weight"], default="activation")
     p.add_argument("--calibration", nargs="+", metavar="PATH", help="text / jsonl files, folders or a datasets name")
-    p.add_argument("--calibration-tokens", type=int, default=16384)
+    p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS)
     p.add_argument("--calibration-seq-len", type=int, default=512)
-    p.add_argument("--fit-steps", type=int, default=32,
+    p.add_argument("--fit-steps", type=int, default=FIT_STEPS,
                    help="steps of the per-layer fit of the new attention to the source's outputs (0: closed form only)")
     p.add_argument("--fit-seq-len", type=int, default=256, help="tokens per calibration sequence in the fit")
     p.add_argument("--fit-target", choices=["stream", "local"], default="stream",
                    help="stream: fit each layer to put the converted model's residual stream back on the source's; "
                    "local: fit it to the source attention on the same inputs")  # fmt: skip
+    p.add_argument("--attention-weighting", type=float, default=1.0, metavar="SHARE",
+                   help="share of the calibration statistics that weighs each token by the attention it receives in "
+                   "the source (sink tokens); 0: every token alike")  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only once the new one is done)")
@@ -62,12 +67,12 @@ def _add_sweep(sub):
     p.add_argument("--out", default="outputs/sweep", help="output folder: one checkpoint per budget + table + plot")
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--context", type=int, default=512, help="perplexity window")
-    p.add_argument("--calibration-tokens", type=int, default=16384)
+    p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS)
     p.add_argument("--calibration-seq-len", type=int, default=512)
     p.add_argument("--speed-contexts", type=_ints, default=[512, 2048])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--decode-steps", type=int, default=8)
-    p.add_argument("--fit-steps", type=int, default=32)
+    p.add_argument("--fit-steps", type=int, default=FIT_STEPS)
     p.add_argument("--no-models", action="store_true", help="keep only the table and plot, not the checkpoints")
     p.add_argument("--overwrite", action="store_true")
 
@@ -152,8 +157,8 @@ def cmd_convert(args) -> int:
         rope_dim=args.rope_dim, rope_heads=args.rope_heads, rope_selection=args.rope_selection,
         factorization=args.factorization, calibration=args.calibration, calibration_tokens=args.calibration_tokens,
         calibration_seq_len=args.calibration_seq_len, fit_steps=args.fit_steps, fit_seq_len=args.fit_seq_len,
-        fit_target=args.fit_target, dtype=args.dtype, overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, max_shard_size=args.max_shard_size,
+        fit_target=args.fit_target, attention_weighting=args.attention_weighting, dtype=args.dtype,
+        overwrite=args.overwrite, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, max_shard_size=args.max_shard_size,
         base_model=args.base_model, target=args.target,
     )  # fmt: skip
     b = report["budget"]

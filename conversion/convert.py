@@ -18,7 +18,9 @@ import hf_mla
 
 from .attention import AttentionPlan, convert_attention, rope_layout
 from .card import write_model_card
-from .calibrate import fit_attention, input_covariance, layer_config, rms_norm, run_layer, source_attention
+from .calibrate import (
+    attention_received, fit_attention, input_covariance, layer_config, rms_norm, run_layer, source_attention,
+)
 from .data import TokenizedText
 from .evaluate import peak_rss_mb
 from .export import ShardWriter, atomic_output_dir, check_output_dir, copy_remote_code, parse_size
@@ -29,6 +31,10 @@ from .sources import _MODEL_TYPES, Source, open_source
 logger = logging.get_logger(__name__)
 
 ROPE_HEADS = ("shared", "per-kv-head")
+# Defaults shared by convert, sweep and the CLI (benchmarks/ablation.py measured them; see BENCHMARKS.md): 8,192
+# calibration tokens calibrate as well as 16,384 and leave the time to a 64-step fit on 16 sequences.
+CALIBRATION_TOKENS = 8192
+FIT_STEPS = 64
 TARGETS = ("hf_mla", "deepseek")
 DEEPSEEK_SELECTIONS = ("high", "uniform")
 
@@ -179,12 +185,13 @@ def convert(
     rope_selection: str = "auto",
     factorization: str = "activation",
     calibration=None,
-    calibration_tokens: int = 16384,
+    calibration_tokens: int = CALIBRATION_TOKENS,
     calibration_seq_len: int = 512,
     rope_context: int = 2048,
     key_weight: float = 1.0,
-    fit_steps: int = 32,
-    fit_sequences: int = 8,
+    attention_weighting: float = 1.0,
+    fit_steps: int = FIT_STEPS,
+    fit_sequences: int = 16,
     fit_lr: float = 1e-3,
     fit_seq_len: int = 256,
     fit_target: str = "stream",
@@ -207,10 +214,16 @@ def convert(
     output on the converted model's own inputs. "stream" (default) is the attention output that puts the converted
     residual stream back on the source model's: the source attention on the source's own hidden states, plus the
     drift the converted layers before have accumulated. Each layer then corrects the error of those before it
-    instead of carrying it forward (SmolLM2-135M at 1/4: 4.04x -> 3.67x the source perplexity, same cost)."""
+    instead of carrying it forward (SmolLM2-135M at 1/4: 4.04x -> 3.67x the source perplexity, same cost).
+    `attention_weighting`: the share of the calibration statistics in which each token counts by the attention it
+    receives in the source layer (0: every token alike). Keys and values matter to the output in proportion to the
+    attention they get, and most of it goes to a few sink tokens (the first one above all) that a plain covariance
+    counts as one token in thousands (`calibrate.attention_received`)."""
     t0 = time.time()
     if fit_target not in ("local", "stream"):
         raise ValueError(f"fit_target is {fit_target!r}; choose 'local' or 'stream'.")
+    if not 0 <= attention_weighting <= 1:
+        raise ValueError(f"attention_weighting is {attention_weighting}; it is a share, in [0, 1].")
     if target not in TARGETS:
         raise ValueError(f"target is {target!r}; choose one of {TARGETS}.")
     if target == "deepseek":
@@ -262,7 +275,14 @@ def convert(
             prefix = f"model.layers.{i}."
             get = {k: src.get(v) for k, v in _layer_names(i).items() if v in names}
             ln1 = src.get(prefix + "input_layernorm.weight")
-            sigma = input_covariance(h, ln1.float(), eps) if needs_stats else None
+            sigma = None
+            if needs_stats:
+                weight = None
+                if attention_weighting:  # received attention has mean 1, so this blends the two covariances
+                    received = attention_received(h, ln1.float(), eps, get, n_heads=H, n_kv_heads=K, head_dim=D,
+                                                  inv_freq=inv_freq, attention_factor=attention_factor)  # fmt: skip
+                    weight = (1 - attention_weighting) + attention_weighting * received
+                sigma = input_covariance(h, ln1.float(), eps, token_weight=weight)
             conv = convert_attention(
                 get["q_proj.weight"], get["k_proj.weight"], get["v_proj.weight"], get["o_proj.weight"],
                 sigma, inv_freq, plan,
@@ -325,7 +345,8 @@ def convert(
             "origin": {**src.card_metadata(), **({"base_model": base_model} if base_model else {})},
             "settings": {**asdict(plan), "dtype": str(out_dtype), "requested_kv_budget": kv_budget,
                          "fit_steps": fit_steps, "fit_sequences": fit_sequences, "fit_lr": fit_lr,
-                         "fit_seq_len": fit_seq_len, "fit_target": fit_target, "target": target},
+                         "fit_seq_len": fit_seq_len, "fit_target": fit_target, "target": target,
+                         "attention_weighting": attention_weighting},
             "budget": budget,
             "calibration": calib_info,
             "layers": layers_report,

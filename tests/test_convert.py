@@ -265,3 +265,46 @@ def test_cli_convert_and_clear_errors(tmp_path, capsys):
                      "--max-tokens", "256", "--context", "32", "--json"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
     assert result["ratio"]["kv_bytes_per_token"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_attention_received_matches_the_source_models_attention_probabilities(tmp_path, arch):
+    """The tokens' received attention equals what transformers' eager Llama / Qwen2 attention computes (layer 1, so
+    that the input is a real hidden state; Qwen2 for the q/k biases), and the query blocks tile the rows exactly."""
+    from conversion.calibrate import attention_received
+    from conversion.convert import _layer_names
+
+    model = save_source(tmp_path / "src", arch=arch, num_hidden_layers=2, attn_implementation="eager")
+    ids = torch.randint(3, len(WORDS), (3, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True, output_attentions=True)
+    expected = out.attentions[1].sum(-2).mean(1)  # (B, T): sum over queries, mean over heads
+    sd = model.state_dict()
+    w = {k: sd[v] for k, v in _layer_names(1).items() if v in sd}
+    c = model.config
+    inv_freq = model.model.rotary_emb.inv_freq
+    got = attention_received(out.hidden_states[1], sd["model.layers.1.input_layernorm.weight"], c.rms_norm_eps, w,
+                             n_heads=4, n_kv_heads=2, head_dim=16, inv_freq=inv_freq, block=7)  # fmt: skip
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.sum(-1), torch.full((3,), 20.0))
+
+
+def test_weighted_input_covariance_is_the_weighted_mean_and_sinks_change_the_conversion(tmp_path):
+    from conversion.calibrate import input_covariance, rms_norm
+
+    g = torch.Generator().manual_seed(3)
+    h, ln, wt = torch.randn(3, 5, 8, generator=g), torch.rand(8, generator=g) + 0.5, torch.rand(3, 5, generator=g)
+    x = torch.cat([rms_norm(h, ln, 1e-6), torch.ones(3, 5, 1)], -1).reshape(15, 9).double()
+    expected = sum(wt.reshape(-1)[i].double() * torch.outer(x[i], x[i]) for i in range(15)) / wt.double().sum()
+    torch.testing.assert_close(input_covariance(h, ln, 1e-6, token_weight=wt), expected)
+    torch.testing.assert_close(input_covariance(h, ln, 1e-6, token_weight=torch.ones(3, 5)), input_covariance(h, ln, 1e-6))
+
+    save_source(tmp_path / "src")
+    common = dict(kv_budget=0.25, calibration=[_text(tmp_path)], calibration_seq_len=32, calibration_tokens=512,
+                  fit_steps=0, progress=False)  # fmt: skip
+    plain = convert(tmp_path / "src", tmp_path / "plain", attention_weighting=0.0, **common)
+    weighted = convert(tmp_path / "src", tmp_path / "weighted", **common)
+    assert weighted["settings"]["attention_weighting"] == 1.0 and plain["settings"]["attention_weighting"] == 0.0
+    assert plain["layers"][0]["retained_energy"] != weighted["layers"][0]["retained_energy"]
+    with pytest.raises(ValueError, match="attention_weighting"):
+        convert(tmp_path / "src", tmp_path / "bad", attention_weighting=1.5, **common)
