@@ -31,14 +31,18 @@ def ppl(model, ids):
     return math.exp(nll / len(range(0, len(ids), 4)))
 
 
+def eval_ids(tokenizer) -> torch.Tensor:
+    """The evaluation tokens of the converter ablations: the first 8 x 512 Britannica tokens."""
+    return pack_tokens(tokenizer, load_texts(DATA / "britannica-1911-shakespeare.txt"), seq_len=512, max_tokens=512 * 8)
+
+
 def main():
     torch.set_num_threads(2)
     logging.set_verbosity_error()
     runs = json.loads(sys.argv[1])
     work = sys.argv[2] if len(sys.argv) > 2 else "/tmp/hf-mla-ablation"
     src = open_source(embedded_default_source())
-    ids = pack_tokens(src.load_tokenizer(), load_texts(DATA / "britannica-1911-shakespeare.txt"), seq_len=512,
-                      max_tokens=512 * 8)  # fmt: skip
+    ids = eval_ids(src.load_tokenizer())
     p0 = ppl(src.load_model(), ids)
     print(f"source ppl {p0:.3f}", flush=True)
     calib = sorted(glob.glob(str(DATA / "austen" / "*.txt")))

@@ -11,20 +11,15 @@ norms are the source's in both). Prints the perplexity ratio to the source for e
 """
 
 import json
-import math
 import sys
-from pathlib import Path
 
 import torch
+from ablation import eval_ids, ppl  # the ablations' evaluation, so the ratios compare
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
 import hf_mla  # noqa: F401
 from conversion import embedded_default_source, open_source
-from conversion.data import load_texts, pack_tokens
-
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 class SourceAttention(torch.nn.Module):
@@ -40,12 +35,6 @@ class SourceAttention(torch.nn.Module):
         return self.attn(hidden_states, (torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)), None)
 
 
-@torch.no_grad()
-def ppl(model, ids):
-    nll = sum(model(ids[i : i + 4], labels=ids[i : i + 4]).loss.item() for i in range(0, len(ids), 4))
-    return math.exp(nll / len(range(0, len(ids), 4)))
-
-
 def main():
     torch.set_num_threads(2)
     logging.set_verbosity_error()
@@ -54,8 +43,7 @@ def main():
     mla = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
     n = len(mla.model.layers)
     groups = json.loads(sys.argv[2]) if len(sys.argv) > 2 else [list(range(i, min(i + 5, n))) for i in range(0, n, 5)]
-    ids = pack_tokens(src.load_tokenizer(), load_texts(DATA / "britannica-1911-shakespeare.txt"), seq_len=512,
-                      max_tokens=512 * 8)  # fmt: skip
+    ids = eval_ids(src.load_tokenizer())
     p0 = ppl(source, ids)
     own = [layer.self_attn for layer in mla.model.layers]
     print(f"source ppl {p0:.3f}; converted: ratio {ppl(mla, ids) / p0:.3f}", flush=True)

@@ -43,7 +43,8 @@ def attention_received(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w
                        n_heads, n_kv_heads, head_dim, inv_freq, attention_factor: float = 1.0,
                        block: int = 256) -> torch.Tensor:  # fmt: skip
     """How much attention each calibration token receives in the source layer: sum over queries of the softmax
-    probability, averaged over heads: (N, T), summing to T over each sequence (so its mean is 1).
+    probability, averaged over heads: (N, T), summing to T over each sequence (so its mean is 1). `w`: the source
+    layer's tensors in float32, as for `source_attention`.
 
     A token's key and value matter to the layer's output in proportion to the attention it receives (the output is
     sum_j p_ij v_j, and a score's gradient is p_ij (v_j - out_i)). Most of it goes to a few "sink" tokens, above all
@@ -53,25 +54,17 @@ def attention_received(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, w
     """
     N, T, _ = h.shape
     H, K, D = n_heads, n_kv_heads, head_dim
-    freqs = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq.float()  # (T, D/2)
-    cos = torch.cat([freqs, freqs], -1).cos() * attention_factor
-    sin = torch.cat([freqs, freqs], -1).sin() * attention_factor
     received = torch.zeros(N, T)
     for n in range(N):
-        x = rms_norm(h[n], norm_weight, eps)  # (T, d)
-        q = F.linear(x, w["q_proj.weight"].float(), _f(w.get("q_proj.bias"))).view(T, H, D).transpose(0, 1)  # (H, T, D)
-        k = F.linear(x, w["k_proj.weight"].float(), _f(w.get("k_proj.bias"))).view(T, K, D).transpose(0, 1)  # (K, T, D)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k = k.repeat_interleave(H // K, dim=0)  # (H, T, D)
+        x = rms_norm(h[n : n + 1], norm_weight, eps)  # (1, T, d)
+        q, k = _rotated_qk(x, w, n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
+                           attention_factor=attention_factor)  # (1, H, T, D), (1, K, T, D)
+        q, k = q[0], k[0].repeat_interleave(H // K, dim=0)  # (H, T, D), (H, T, D)
         for a in range(0, T, block):
             s = q[:, a : a + block] @ k.transpose(1, 2) * D**-0.5  # (H, b, T)
             future = torch.arange(T)[None, :] > torch.arange(a, min(a + block, T))[:, None]  # (b, T)
             received[n] += s.masked_fill(future, float("-inf")).softmax(-1).sum((0, 1)) / H
     return received
-
-
-def _f(t):
-    return None if t is None else t.float()
 
 
 def layer_config(base: dict, pairs: list[list[int]], qk_nope_head_dim: int) -> "hf_mla.MlaConfig":
@@ -102,18 +95,26 @@ def run_layer(config, state: dict[str, torch.Tensor], h: torch.Tensor, chunk: in
     return out
 
 
+def _rotated_qk(x, w, *, n_heads, n_kv_heads, head_dim, inv_freq, attention_factor):
+    """The source layer's queries (B, H, T, D) and keys (B, K, T, D) on x (B, T, d), RoPE applied as Llama does."""
+    B, T, _ = x.shape
+    H, K, D = n_heads, n_kv_heads, head_dim
+    q = F.linear(x, w["q_proj.weight"], w.get("q_proj.bias")).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+    k = F.linear(x, w["k_proj.weight"], w.get("k_proj.bias")).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+    freqs = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq.float()  # (T, D/2)
+    cos = torch.cat([freqs, freqs], -1).cos() * attention_factor
+    sin = torch.cat([freqs, freqs], -1).sin() * attention_factor
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
 def source_attention(x: torch.Tensor, w: dict[str, torch.Tensor], *, n_heads, n_kv_heads, head_dim, inv_freq,
                      attention_factor: float = 1.0) -> torch.Tensor:  # fmt: skip
     """The source (Llama-layout) attention layer's output on its input x (B, T, d), after o_proj."""
     B, T, _ = x.shape
     H, K, D = n_heads, n_kv_heads, head_dim
-    q = F.linear(x, w["q_proj.weight"], w.get("q_proj.bias")).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-    k = F.linear(x, w["k_proj.weight"], w.get("k_proj.bias")).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+    q, k = _rotated_qk(x, w, n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
+                       attention_factor=attention_factor)  # fmt: skip
     v = F.linear(x, w["v_proj.weight"], w.get("v_proj.bias")).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-    freqs = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq.float()  # (T, D/2)
-    cos = torch.cat([freqs, freqs], -1).cos() * attention_factor
-    sin = torch.cat([freqs, freqs], -1).sin() * attention_factor
-    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D**-0.5, enable_gqa=H != K)  # (B, H, T, D)
     return F.linear(out.transpose(1, 2).reshape(B, T, H * D), w["o_proj.weight"], w.get("o_proj.bias"))
 

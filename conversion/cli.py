@@ -158,8 +158,8 @@ def cmd_convert(args) -> int:
         factorization=args.factorization, calibration=args.calibration, calibration_tokens=args.calibration_tokens,
         calibration_seq_len=args.calibration_seq_len, fit_steps=args.fit_steps, fit_seq_len=args.fit_seq_len,
         fit_target=args.fit_target, attention_weighting=args.attention_weighting, dtype=args.dtype,
-        overwrite=args.overwrite, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, max_shard_size=args.max_shard_size,
-        base_model=args.base_model, target=args.target,
+        overwrite=args.overwrite, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        max_shard_size=args.max_shard_size, base_model=args.base_model, target=args.target,
     )  # fmt: skip
     b = report["budget"]
     print(

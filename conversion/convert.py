@@ -274,12 +274,13 @@ def convert(
             t_layer = time.time()
             prefix = f"model.layers.{i}."
             get = {k: src.get(v) for k, v in _layer_names(i).items() if v in names}
+            wf = {k: v.float() for k, v in get.items()}  # the source layer in float32, for calibration
             ln1 = src.get(prefix + "input_layernorm.weight")
             sigma = None
             if needs_stats:
                 weight = None
                 if attention_weighting:  # received attention has mean 1, so this blends the two covariances
-                    received = attention_received(h, ln1.float(), eps, get, n_heads=H, n_kv_heads=K, head_dim=D,
+                    received = attention_received(h, ln1.float(), eps, wf, n_heads=H, n_kv_heads=K, head_dim=D,
                                                   inv_freq=inv_freq, attention_factor=attention_factor)  # fmt: skip
                     weight = (1 - attention_weighting) + attention_weighting * received
                 sigma = input_covariance(h, ln1.float(), eps, token_weight=weight)
@@ -301,7 +302,6 @@ def convert(
                 lcfg = layer_config(base_kwargs, conv.pairs, conv.qk_nope_head_dim)
                 if fit_steps:
                     x = rms_norm(h[:fit_sequences, :fit_seq_len], ln1.float(), eps)
-                    wf = {k: v.float() for k, v in get.items()}
                     with torch.no_grad():
                         if fit_target == "stream":
                             if h_src is None:
