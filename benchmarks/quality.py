@@ -13,7 +13,7 @@ predictions, exp'd. Ratio = converted ppl / source ppl.
 Each conversion runs in a fresh subprocess (this script with `--one`), which opens the GGUF once, passes the Source
 to convert() (with convert()'s defaults, e.g. its per-layer fit, unless `--fit-steps` is given), and records: wall
 time of open + convert (GGUF dequantization happens inside it), the process's CPU time, its peak RSS (VmHWM) right
-after convert() returns (*including the whole dequantized GGUF model the Source holds*), and "other load": cores
+after convert() returns (the GGUF is memory-mapped and dequantized one tensor at a time), and "other load": cores
 kept busy by other processes meanwhile (/proc/stat busy time less our own CPU time, / wall), since on a shared
 machine wall times are only as good as that is low. The children run a copy of conversion/, hf_mla/ and this script
 taken at the start (in --work-dir), so that edits made to the repository during a long run do not mix code
@@ -135,8 +135,8 @@ def tables(res: dict) -> str:
         cells = [f"{get[m, b]['ppl']:.2f} ({get[m, b]['ppl'] / src:.2f}x)" if (m, b) in get else "-" for b in budgets]
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     out.append("| *target ratio* | " + " | ".join(f"<= {TARGETS.get(b, '-')}x" for b in budgets) + " |")
-    out.append("\nConversion cost per run (wall = open GGUF + convert with calibration; peak RSS includes the whole "
-               "dequantized GGUF model held by the Source):\n")  # fmt: skip
+    out.append("\nConversion cost per run (wall = open GGUF + convert with calibration; peak RSS = the converting "
+               "process's VmHWM, import and tokenizer included):\n")  # fmt: skip
     out.append("| method | budget | wall s | CPU s | other load (cores) | peak RSS MB | kv_lora_rank + RoPE |")
     out.append("|---|---|---|---|---|---|---|")
     for r in runs:
@@ -227,7 +227,8 @@ def main():
         "code": {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "conversion", "hf_mla")},
         "eval": {"text": args.eval_text, "windows": ids.shape[0], "seq_len": 512, "tokens": ids.numel()},
         "calibration": args.calibration, "targets_ratio": TARGETS,
-        "notes": "peak_rss_mb = VmHWM after convert(), including the dequantized GGUF model the Source holds; "
+        "notes": "peak_rss_mb = VmHWM after convert(), the whole process (imports, tokenizer, GGUF read tensor "
+                 "by tensor); "
                  "convert_wall_s = open_source + convert (GGUF dequantization, calibration, conversion, writing)",
         "runs": [],
     }  # fmt: skip

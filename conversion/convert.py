@@ -22,7 +22,7 @@ from .calibrate import (
     attention_received, fit_attention, input_covariance, layer_config, rms_norm, run_layer, source_attention,
 )
 from .data import TokenizedText
-from .evaluate import peak_rss_mb
+from .evaluate import peak_rss_mb, release_freed_memory
 from .export import ShardWriter, atomic_output_dir, check_output_dir, copy_remote_code, parse_size
 from .rope import AUTO_STRATEGY, STRATEGIES
 from .sources import _MODEL_TYPES, Source, open_source
@@ -327,6 +327,8 @@ def convert(
             })  # fmt: skip
             bar.update(layer_bytes[i])
             bar.set_postfix(layer=i, retained=f"{conv.retained:.3f}")
+            del get, wf, state, conv
+            release_freed_memory()
         bar.close()
         for n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
             if n in names and not (n == "lm_head.weight" and base_kwargs["tie_word_embeddings"]):

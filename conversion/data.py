@@ -141,9 +141,18 @@ class TokenizedText:
     source: list[str]
 
 
-def _token_stream(tokenizer, texts: Iterable[str], batch_size: int = 64) -> Iterator[list[int]]:
-    it = iter(texts)
-    while batch := list(itertools.islice(it, batch_size)):
+def _token_stream(tokenizer, texts: Iterable[str], batch_chars: int = 200_000) -> Iterator[list[int]]:
+    """Token ids document by document, tokenizing batches of about `batch_chars` characters: batches give a fast
+    tokenizer its parallelism on short documents, and the cap keeps a corpus of novels from being tokenized whole
+    (time and hundreds of MB) when the caller stops after the first few thousand tokens."""
+    batch, chars = [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if chars >= batch_chars:
+            yield from tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+            batch, chars = [], 0
+    if batch:
         yield from tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
 
 

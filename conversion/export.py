@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 import hf_mla
 
@@ -25,31 +24,72 @@ def parse_size(size: int | str) -> int:
     return int(s)
 
 
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+
+
 class ShardWriter:
-    """Buffers tensors and writes a shard whenever the buffer passes `max_shard_bytes`, so that peak memory stays
-    near one shard however large the model."""
+    """Writes each tensor's bytes to disk as soon as it is added, and assembles a safetensors shard (header, then the
+    data) whenever the shard passes `max_shard_bytes`: memory holds one tensor, never a shard. (Buffering a shard and
+    calling safetensors' save_file held the whole output of a small model, twice at the flush.) Within a shard the
+    data is laid out by element size, largest first, so every tensor's offset is a multiple of its element size, as
+    save_file's layout guarantees: readers may view the mapped bytes without copying."""
 
     def __init__(self, folder: Path, max_shard_bytes: int):
         self.folder, self.max_shard_bytes = Path(folder), max_shard_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered = 0
         self.shards: list[list[str]] = []
         self.total_bytes = 0
+        self._open()
+
+    def _open(self) -> None:
+        self.entries: dict[str, tuple[str, list[int], int, int]] = {}  # name -> (dtype, shape, element size, bytes)
+        self.parts: dict[int, object] = {}  # element size -> file of that size's tensor bytes, in order
+        self.shard_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"{name}: safetensors has no dtype {tensor.dtype}.")
+        if name in self.entries or any(name in s for s in self.shards):
+            raise ValueError(f"{name} is written twice.")
         nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffered + nbytes > self.max_shard_bytes:
+        if self.entries and self.shard_bytes + nbytes > self.max_shard_bytes:
             self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffered += nbytes
+        size = tensor.element_size()
+        if size not in self.parts:
+            self.parts[size] = open(self.folder / f"shard-{len(self.shards):05d}.part{size}", "w+b")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
+        self.parts[size].write(data.numpy().data)
+        self.entries[name] = (_DTYPES[tensor.dtype], list(tensor.shape), size, nbytes)
+        self.shard_bytes += nbytes
         self.total_bytes += nbytes
 
     def flush(self) -> None:
-        if not self.buffer:
+        """Write the shard: an 8-byte header length, the JSON header (space-padded to 8 bytes), then the parts."""
+        if not self.entries:
             return
-        save_file(self.buffer, str(self.folder / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.buffer))
-        self.buffer, self.buffered = {}, 0
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for size in sorted(self.parts, reverse=True):
+            for name, (dtype, shape, s, nbytes) in self.entries.items():
+                if s == size:
+                    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+                    offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        path = self.folder / f"shard-{len(self.shards):05d}.tmp"
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for size in sorted(self.parts, reverse=True):
+                part = self.parts[size]
+                part.seek(0)
+                shutil.copyfileobj(part, f, 1 << 24)
+                part.close()
+                os.remove(part.name)
+        self.shards.append(list(self.entries))
+        self._open()
 
     def finish(self) -> Path:
         """Name the shards model-0000i-of-0000n.safetensors and write model.safetensors.index.json."""
