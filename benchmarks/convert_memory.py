@@ -96,7 +96,7 @@ def main():
     p.add_argument("--out", default="/work/cache/llama7b-mla")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--kv-budget", type=float, default=0.25)
-    p.add_argument("--max-shard-size", default="2GB", help="convert()'s output shard size (it buffers one shard)")
+    p.add_argument("--max-shard-size", default="2GB", help="convert()'s output shard size")
     p.add_argument("--keep", action="store_true", help="keep the converted output")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "convert_memory.json"))
     p.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # internal: source out budget max_shard_size

@@ -1,7 +1,7 @@
 """Healing curve on the embedded SmolLM2-135M-Instruct at 1/4 of the KV cache: perplexity vs training tokens.
 
-1. Convert the embedded GGUF at --kv-budget (default 0.25) with the converter's defaults, calibrated on the Austen
-   novels (cached in --work; reused when present).
+1. Convert the embedded GGUF at --kv-budget (default 0.25) with the converter's defaults (or those plus --convert),
+   calibrated on the Austen novels (cached in --work; reused when present: use a fresh --work per setting).
 2. For each token budget in --tokens, heal that conversion from scratch (full schedule for that budget) with
    `conversion.heal` defaults (LoRA rank 32 on q/kv_b/o, kv_a_proj_with_mqa trained in full, KL to the teacher +
    per-layer hidden-state match), teacher = the source model, data = the Austen novels.
@@ -11,6 +11,8 @@ Records tokens/s of training (teacher included) from the healing report. Writes 
 heal.md and heal.png.
 
     python benchmarks/heal.py --tokens 50000,200000
+    python benchmarks/heal.py --tokens 200000 --work /work/cache/heal-thorough --tag=-thorough \
+        --convert '{"fit_steps": 256, "fit_sequences": 64, "calibration_tokens": 16384}'
 """
 
 import argparse
@@ -53,6 +55,7 @@ def main():
     p.add_argument("--target", default="hf_mla", choices=["hf_mla", "deepseek"], help="convert()'s target")
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--full-lr-scale", type=float)
+    p.add_argument("--convert", default="{}", help="JSON of convert() settings beyond the defaults, e.g. a longer fit")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -61,9 +64,12 @@ def main():
     gguf = embedded_default_source()
     austen = austen_files()
     converted = work / f"converted-{args.kv_budget:g}" if args.target == "hf_mla" else work / f"converted-{args.kv_budget:g}-{args.target}"
+    convert_settings = json.loads(args.convert)
     src = open_source(gguf)
     if not (converted / "conversion_report.json").is_file():
-        convert(src, converted, kv_budget=args.kv_budget, calibration=austen, overwrite=True, target=args.target)
+        convert(src, converted, kv_budget=args.kv_budget, calibration=austen, overwrite=True, target=args.target,
+                **convert_settings)  # fmt: skip
+    conversion = json.loads((converted / "conversion_report.json").read_text())
     tokenizer = src.load_tokenizer()
     ids = britannica_ids(tokenizer)
 
@@ -74,6 +80,8 @@ def main():
         return perplexity(model, ids)
 
     res = {"source": ppl(src.load_model()), "zero_shot": ppl(converted), "runs": [], "target": args.target,
+           "command": "python " + " ".join(sys.argv), "conversion_settings": conversion["settings"],
+           "conversion_s": conversion["timings"]["total_s"],
            "machine": {"python": platform.python_version(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
     print(f"source {res['source']:.3f}  zero-shot {res['zero_shot']:.3f} ({res['zero_shot'] / res['source']:.2f}x)")

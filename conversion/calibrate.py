@@ -16,6 +16,17 @@ from hf_mla.modeling_hf_mla import MlaAttention, MlaDecoderLayer, MlaRotaryEmbed
 logger = logging.get_logger(__name__)
 
 
+def native_bf16() -> bool:
+    """Whether bf16 matmuls run natively here (CUDA with bf16, CPUs with AVX512-BF16 / AMX), so that bf16 autocast
+    is a speed-up rather than an emulation."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Exactly as the Llama/MLA RMSNorm computes it, so the statistics match what the layer sees."""
     hf = h.float()
@@ -120,12 +131,14 @@ def source_attention(x: torch.Tensor, w: dict[str, torch.Tensor], *, n_heads, n_
 
 
 def fit_attention(config, state: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor, *, steps: int,
-                  lr: float = 1e-3, batch: int = 2) -> tuple[float, float]:  # fmt: skip
+                  lr: float = 1e-3, batch: int = 2, bf16: bool = False) -> tuple[float, float]:  # fmt: skip
     """A short fit of the converted attention to the source attention's outputs on this layer's calibration inputs.
 
     The closed-form steps each minimise a proxy (per-pair energy, weighted K/V reconstruction); this minimises the
     real thing, the layer's attention output through softmax and o_proj, with no backprop through other layers.
     Updates the self_attn tensors of `state` in place; returns the relative error before and after.
+    `bf16`: the training steps run under bf16 autocast (weights and Adam state stay fp32; ~1.4x faster where bf16
+    is native, same result on SmolLM2-135M).
     """
     with torch.enable_grad():
         attn = MlaAttention(config, layer_idx=0)
@@ -138,18 +151,20 @@ def fit_attention(config, state: dict[str, torch.Tensor], x: torch.Tensor, targe
         opt = torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
 
-        def loss_on(i):
+        def loss_on(i, low_precision=False):
             xb, yb = x[i : i + batch], target[i : i + batch]
             pe = rotary(xb, position_ids.expand(xb.shape[0], -1))
-            out, _ = attn(xb, position_embeddings=pe, attention_mask=None)
-            return (out - yb).pow(2).mean() / yb.pow(2).mean()
+            with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=low_precision):
+                out, _ = attn(xb, position_embeddings=pe, attention_mask=None)
+            return (out.float() - yb).pow(2).mean() / yb.pow(2).mean()
 
+        # before and after are judged in full precision, on one batch (a full pass would cost as much as a few steps)
         with torch.no_grad():
-            before = loss_on(0).item()  # judged on one batch: a full pass would cost as much as a few steps
+            before = loss_on(0).item()
         if before < 1e-10:  # already exact (full rank, all RoPE): nothing to gain, and Adam would only add noise
             return before, before
         for step in range(steps):
-            loss = loss_on((step * batch) % x.shape[0])
+            loss = loss_on((step * batch) % x.shape[0], bf16)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

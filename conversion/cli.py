@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from .convert import CALIBRATION_TOKENS, FIT_STEPS
+from .convert import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, FIT_SEQUENCES, FIT_STEPS
 
 
 def _add_convert(sub):
@@ -21,10 +21,14 @@ def _add_convert(sub):
     p.add_argument("--factorization", choices=["activation", "weight"], default="activation")
     p.add_argument("--calibration", nargs="+", metavar="PATH", help="text / jsonl files, folders or a datasets name")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS)
-    p.add_argument("--calibration-seq-len", type=int, default=512)
+    p.add_argument("--calibration-seq-len", type=int, default=CALIBRATION_SEQ_LEN)
     p.add_argument("--fit-steps", type=int, default=FIT_STEPS,
                    help="steps of the per-layer fit of the new attention to the source's outputs (0: closed form only)")
+    p.add_argument("--fit-sequences", type=int, default=FIT_SEQUENCES,
+                   help="calibration sequences the fit trains on (at most --calibration-tokens / --calibration-seq-len)")
     p.add_argument("--fit-seq-len", type=int, default=256, help="tokens per calibration sequence in the fit")
+    p.add_argument("--fit-precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast where this machine computes bf16 natively (weights stay fp32)")
     p.add_argument("--fit-target", choices=["stream", "local"], default="stream",
                    help="stream: fit each layer to put the converted model's residual stream back on the source's; "
                    "local: fit it to the source attention on the same inputs")  # fmt: skip
@@ -68,7 +72,7 @@ def _add_sweep(sub):
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--context", type=int, default=512, help="perplexity window")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS)
-    p.add_argument("--calibration-seq-len", type=int, default=512)
+    p.add_argument("--calibration-seq-len", type=int, default=CALIBRATION_SEQ_LEN)
     p.add_argument("--speed-contexts", type=_ints, default=[512, 2048])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--decode-steps", type=int, default=8)
@@ -157,7 +161,8 @@ def cmd_convert(args) -> int:
         rope_dim=args.rope_dim, rope_heads=args.rope_heads, rope_selection=args.rope_selection,
         factorization=args.factorization, calibration=args.calibration, calibration_tokens=args.calibration_tokens,
         calibration_seq_len=args.calibration_seq_len, fit_steps=args.fit_steps, fit_seq_len=args.fit_seq_len,
-        fit_target=args.fit_target, attention_weighting=args.attention_weighting, dtype=args.dtype,
+        fit_target=args.fit_target, fit_sequences=args.fit_sequences,
+        fit_precision=args.fit_precision, attention_weighting=args.attention_weighting, dtype=args.dtype,
         overwrite=args.overwrite, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
         max_shard_size=args.max_shard_size, base_model=args.base_model, target=args.target,
     )  # fmt: skip

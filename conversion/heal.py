@@ -76,14 +76,11 @@ def _load_teacher(teacher, allow_pickle=False, trust_remote_code=False):
 def _mixed_precision(choice: str) -> str:
     """"auto": bf16 autocast where bf16 matmuls are native (CUDA with bf16, CPUs with AVX512-BF16 / AMX: ~1.4x the
     tokens/s of fp32 on the reference 2-core machine), else fp32. Weights and optimizer state stay fp32 either way."""
+    from .calibrate import native_bf16
+
     if choice != "auto":
         return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
-    except (AttributeError, RuntimeError):
-        return "no"
+    return "bf16" if native_bf16() else "no"
 
 
 def _lora_model(model, s: HealSettings):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .convert import CALIBRATION_TOKENS
+from .convert import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
 from .data import TokenizedText, load_texts, pack_tokens
 from .evaluate import decode_speed, kv_cache_bytes_per_token, perplexity
 from .export import atomic_output_dir
@@ -33,7 +33,7 @@ def sweep(
     calibration=None,
     output_dir="outputs/sweep",
     calibration_tokens: int = CALIBRATION_TOKENS,
-    calibration_seq_len: int = 512,
+    calibration_seq_len: int = CALIBRATION_SEQ_LEN,
     eval_tokens: int = 8192,
     context: int = 512,
     speed_contexts=(512, 2048),

@@ -140,7 +140,8 @@ def test_factorization_at_full_rank_reproduces_partial_rope_model(tmp_path, ids,
 def test_per_layer_fit_lowers_each_layers_attention_error(tmp_path):
     save_source(tmp_path / "src")
     report = convert(tmp_path / "src", tmp_path / "out", kv_budget=0.25, calibration=[_text(tmp_path)],
-                     calibration_seq_len=32, calibration_tokens=512, fit_steps=30, fit_seq_len=32, progress=False)
+                     calibration_seq_len=32, calibration_tokens=512, fit_steps=60, fit_sequences=16, fit_seq_len=32,
+                     progress=False)  # fmt: skip
     for layer in report["layers"]:
         assert layer["fit_error_after"] < 0.8 * layer["fit_error_before"], layer
 
@@ -205,6 +206,7 @@ def test_calibration_falls_back_to_model_samples(tmp_path):
         (dict(kv_lora_rank=8), "--rope-dim"),
         (dict(kv_budget=0.25, rope_dim=7), "even"),
         (dict(kv_budget=0.25, rope_selection="best"), "rope_selection"),
+        (dict(kv_budget=0.25, fit_precision="fp8"), "fit_precision"),
         (dict(kv_budget=0.25, calibration=["/nonexistent/calib.txt"]), "does not exist"),
     ],
 )
