@@ -289,7 +289,7 @@ def convert(
             t_layer = time.time()
             prefix = f"model.layers.{i}."
             get = {k: src.get(v) for k, v in _layer_names(i).items() if v in names}
-            wf = {k: v.float() for k, v in get.items()}  # the source layer in float32, for calibration
+            wf = {k: v.float() for k, v in get.items()} if needs_stats else None  # float32, for calibration
             ln1 = src.get(prefix + "input_layernorm.weight")
             sigma = None
             if needs_stats:
@@ -344,6 +344,7 @@ def convert(
             bar.update(layer_bytes[i])
             bar.set_postfix(layer=i, retained=f"{conv.retained:.3f}")
             del get, wf, state, conv
+            src.release()
             release_freed_memory()
         bar.close()
         for n in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):

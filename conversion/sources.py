@@ -233,6 +233,14 @@ class Source:
     def close(self) -> None:
         self._handles.clear()
 
+    def release(self) -> None:
+        """Unmap the safetensors shards read so far. The pages of a mapped shard that have been read count in this
+        process's RSS for as long as the handle is open, so a converter that keeps every handle ends up "holding" the
+        whole checkpoint (Llama-2-7B: 11 GB of a 14 GB peak). Reopening a shard costs one header parse. Pickled
+        state dicts are kept: some cannot be memory-mapped and would be read again whole."""
+        if self.kind == "safetensors":
+            self._handles.clear()
+
     def _pickle(self, f: Path) -> dict[str, torch.Tensor]:
         if f not in self._handles:
             try:

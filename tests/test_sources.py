@@ -80,6 +80,9 @@ def test_get_reads_one_tensor(tiny, monkeypatch):
     assert reads == [name] and len(opened) == 1
     src.get(name), src.get("model.layers.1.mlp.up_proj.weight")
     assert len(opened) <= 2 and len(reads) == 3  # handles are cached per shard
+    n_open = len(opened)
+    src.release()  # unmaps the shards (their read pages count in RSS while mapped); reading reopens them
+    assert torch.equal(src.get(name), tiny[0].state_dict()[name]) and len(opened) == n_open + 1
     with pytest.raises(KeyError, match="nope"):
         src.get("nope")
 
