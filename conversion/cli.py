@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-from .convert import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, FIT_SEQUENCES, FIT_STEPS
+from .convert import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, FIT_PRECISIONS, FIT_SEQUENCES, FIT_STEPS
 
 
 def _add_convert(sub):
@@ -27,7 +27,7 @@ def _add_convert(sub):
     p.add_argument("--fit-sequences", type=int, default=FIT_SEQUENCES,
                    help="calibration sequences the fit trains on (at most --calibration-tokens / --calibration-seq-len)")
     p.add_argument("--fit-seq-len", type=int, default=256, help="tokens per calibration sequence in the fit")
-    p.add_argument("--fit-precision", choices=["auto", "bf16", "fp32"], default="auto",
+    p.add_argument("--fit-precision", choices=FIT_PRECISIONS, default="auto",
                    help="auto: bf16 autocast where this machine computes bf16 natively (weights stay fp32)")
     p.add_argument("--fit-target", choices=["stream", "local"], default="stream",
                    help="stream: fit each layer to put the converted model's residual stream back on the source's; "

@@ -40,6 +40,7 @@ CALIBRATION_SEQ_LEN = 256
 FIT_STEPS = 128
 FIT_SEQUENCES = 32
 TARGETS = ("hf_mla", "deepseek")
+FIT_PRECISIONS = ("auto", "bf16", "fp32")
 DEEPSEEK_SELECTIONS = ("high", "uniform")
 
 
@@ -232,8 +233,8 @@ def convert(
         raise ValueError(f"fit_target is {fit_target!r}; choose 'local' or 'stream'.")
     if not 0 <= attention_weighting <= 1:
         raise ValueError(f"attention_weighting is {attention_weighting}; it is a share, in [0, 1].")
-    if fit_precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"fit_precision is {fit_precision!r}; choose 'auto', 'bf16' or 'fp32'.")
+    if fit_precision not in FIT_PRECISIONS:
+        raise ValueError(f"fit_precision is {fit_precision!r}; choose one of {FIT_PRECISIONS}.")
     fit_bf16 = fit_precision == "bf16" or (fit_precision == "auto" and native_bf16())
     if target not in TARGETS:
         raise ValueError(f"target is {target!r}; choose one of {TARGETS}.")
