@@ -148,7 +148,8 @@ def fit_attention(config, state: dict[str, torch.Tensor], x: torch.Tensor, targe
         rotary = MlaRotaryEmbedding(config)
         position_ids = torch.arange(x.shape[1]).unsqueeze(0)
         params = [p for n, p in attn.named_parameters() if not n.startswith("o_proj")]
-        opt = torch.optim.Adam(params, lr=lr)
+        # fused: one kernel per step instead of a dozen per parameter; at ~20 ms a step the unfused update took a fifth
+        opt = torch.optim.Adam(params, lr=lr, fused=True)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
 
         def loss_on(i, low_precision=False):
