@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .evaluate import release_freed_memory
 from .factorize import factorize
 from .rope import pair_rows, pair_scores, select_pairs, shared_key_mixing
 
@@ -53,9 +54,12 @@ def convert_attention(
     d = wq.shape[1]
     wq, wk, wv, wo = (t.double() for t in (wq, wk, wv, wo))
     bq, bk, bv, bo = (None if t is None else t.double() for t in (bq, bk, bv, bo))
-    stats_aug = sigma.double() if sigma is not None else torch.eye(d + 1, dtype=torch.float64)
-    stats = stats_aug[:d, :d]
-    wq_aug, wk_aug = with_bias(wq, bq), with_bias(wk, bk)  # (rows, d + 1)
+    # weight mode (no sigma): identity statistics, never built (a 7B layer's would take 134 MB, its products more)
+    stats_aug = None if sigma is None else sigma.double()
+    stats = None if sigma is None else stats_aug[:d, :d]
+    # the affine maps as linear ones on [x; 1]; in weight mode a missing bias's zero column changes nothing
+    wq_aug = wq if sigma is None and bq is None else with_bias(wq, bq)  # (rows, d + 1)
+    wk_aug = wk if sigma is None and bk is None else with_bias(wk, bk)
     wq_h = wq.view(H, D, d)  # (H, D, d)
     wk_g = wk.view(K, D, d)  # (K, D, d)
     shared = plan.rope_heads == "shared"
@@ -107,10 +111,13 @@ def convert_attention(
                     q_bias.append(torch.cat([bq.view(H, D)[h, rest_rows], bq.view(H, D)[h, kept_rows]]))
     R, dn = rope_layout(plan, n_heads=H, n_kv_heads=K, head_dim=D)
     q_proj = torch.cat(q_rows)  # (H * (dn + dr), d)
+    # the float64 copies are a layer several times over; a 7B layer's peak is set here, so free each one when done
+    del q_rows, wq_aug, wk_aug, wq, wq_h, wk, wk_g
 
     # 3. One latent for the NoPE keys and values of every group. A NoPE key bias shifts all scores of a query by the
     # same amount, so softmax ignores it and it is dropped exactly.
     w_knope = torch.cat(nope_rows)  # (K * dn, d)
+    del nope_rows
     target = torch.cat([w_knope, wv])  # (K * (dn + D), d)
     metric = None
     if plan.factorization == "activation":
@@ -119,9 +126,12 @@ def convert_attention(
                               key_weight=plan.key_weight)  # fmt: skip
     elif plan.factorization != "weight":
         raise ValueError(f"unknown factorization {plan.factorization!r}; choose 'weight' or 'activation'")
+    del w_knope, wv
+    release_freed_memory()  # the per-head rows above were heap-sized pieces; hand them back before the peak
     up, down, retained = factorize(
         target, plan.kv_lora_rank, sigma=stats if plan.factorization == "activation" else None, metric=metric
     )
+    del target
     r = up.shape[1]
     up_k, up_v = up[: K * dn].view(K, dn, r), up[K * dn :].view(K, D, r)
     kv_b = torch.cat([torch.cat([up_k[h // G], up_v[h // G]]) for h in range(H)])  # (H * (dn + D), r)

@@ -292,6 +292,7 @@ def convert(
             get = {k: src.get(v) for k, v in _layer_names(i).items() if v in names}
             wf = {k: v.float() for k, v in get.items()} if needs_stats else None  # float32, for calibration
             ln1 = src.get(prefix + "input_layernorm.weight")
+            src.release()  # the tensors are copies: unmap the shard so its pages leave RSS before the factorization
             sigma = None
             if needs_stats:
                 weight = None

@@ -78,18 +78,25 @@ def factorize(
         top = evecs[:, -rank:].flip(-1)  # (n, r)
         down = top.T @ z  # (r, d)
     else:
+        # each n x d or d x d float64 temporary is freed as soon as it is used: on a 7B layer they set the peak
         a, tau = torch.geqrf(z)  # Householder QR: z = Q R, Q kept implicit
+        del z
         r_factor = a[:d].triu()  # (d, d)
         small = r_factor @ r_factor.T if sigma is None else r_factor @ sigma.double() @ r_factor.T  # (d, d)
         evals, evecs = torch.linalg.eigh((small + small.T) / 2)
+        del small
         k = min(rank, d)
-        p = evecs[:, -k:].flip(-1)  # (d, k)
+        p = evecs[:, -k:].flip(-1).contiguous()  # (d, k)
+        del evecs
+        down = torch.cat([p.T @ r_factor, torch.zeros(rank - k, d, dtype=torch.float64)])  # (r, d) == top.T @ z
+        del r_factor
         # U = Q [[p, 0], [0, I]]: past rank d, the complement of range(z), which z does not reach (down rows 0)
         c = torch.zeros(n, rank, dtype=torch.float64)
         c[:d, :k] = p
         c[d + torch.arange(rank - k), k + torch.arange(rank - k)] = 1.0
+        del p
         top = torch.ormqr(a, tau, c)  # (n, r)
-        down = torch.cat([p.T @ r_factor, torch.zeros(rank - k, d, dtype=torch.float64)])  # (r, d) == top.T @ z
+        del a, c
     up = top if m_inv is None else _apply_blocks(m_inv, top)  # (n, r)
     total = evals.clamp_min(0).sum()
     retained = float(evals[-rank:].clamp_min(0).sum() / total) if total > 0 else 1.0

@@ -19,9 +19,10 @@ def pair_rows(pairs: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat([pairs, pairs + head_dim // 2])
 
 
-def pair_energy(w: torch.Tensor, sigma: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """E|x_p|^2 for every head and pair of the projection `w` (n_heads * D, d): (n_heads, D/2)."""
-    per_dim = ((w @ sigma) * w).sum(-1).view(n_heads, head_dim)  # (heads, D)
+def pair_energy(w: torch.Tensor, sigma: torch.Tensor | None, n_heads: int, head_dim: int) -> torch.Tensor:
+    """E|x_p|^2 for every head and pair of the projection `w` (n_heads * D, d): (n_heads, D/2). sigma None: the
+    identity (weight mode)."""
+    per_dim = ((w if sigma is None else w @ sigma) * w).sum(-1).view(n_heads, head_dim)  # (heads, D)
     half = head_dim // 2
     return per_dim[:, :half] + per_dim[:, half:]
 
@@ -29,7 +30,7 @@ def pair_energy(w: torch.Tensor, sigma: torch.Tensor, n_heads: int, head_dim: in
 def pair_scores(
     wq: torch.Tensor,
     wk: torch.Tensor,
-    sigma: torch.Tensor,
+    sigma: torch.Tensor | None,
     *,
     n_heads: int,
     n_kv_heads: int,
@@ -86,7 +87,10 @@ def shared_key_mixing(wk: torch.Tensor, wq: torch.Tensor, sigma, pairs, *, n_hea
     a_all, c_all = [], []
     for p in pairs:
         rows = torch.stack([wk.view(K, D, -1)[:, p], wk.view(K, D, -1)[:, p + half]], dim=1)  # (K, 2, d)
-        cov = torch.einsum("gid,de,hie->gh", rows, sigma, rows)  # (K, K): E[k_g . k_h]
+        if sigma is None:  # identity statistics (weight mode)
+            cov = torch.einsum("gid,hid->gh", rows, rows)  # (K, K)
+        else:
+            cov = torch.einsum("gid,de,hie->gh", rows, sigma, rows)  # (K, K): E[k_g . k_h]
         w = q_energy[:, p].clamp_min(0).sqrt()
         w = w + 1e-6 * w.max().clamp_min(1e-30)  # a head without query energy still gets a defined loading
         _, vecs = torch.linalg.eigh(w[:, None] * cov * w[None, :])
