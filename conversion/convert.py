@@ -292,7 +292,6 @@ def convert(
             get = {k: src.get(v) for k, v in _layer_names(i).items() if v in names}
             wf = {k: v.float() for k, v in get.items()} if needs_stats else None  # float32, for calibration
             ln1 = src.get(prefix + "input_layernorm.weight")
-            src.release()  # the tensors are copies: unmap the shard so its pages leave RSS before the factorization
             sigma = None
             if needs_stats:
                 weight = None
@@ -345,7 +344,7 @@ def convert(
             })  # fmt: skip
             bar.update(layer_bytes[i])
             bar.set_postfix(layer=i, retained=f"{conv.retained:.3f}")
-            del get, wf, state, conv
+            del get, wf, state, conv, ln1  # views of the shard's mapping: it is unmapped once none is left
             src.release()
             release_freed_memory()
         bar.close()

@@ -236,7 +236,8 @@ class Source:
     def release(self) -> None:
         """Unmap the safetensors shards read so far. The pages of a mapped shard that have been read count in this
         process's RSS for as long as the handle is open, so a converter that keeps every handle ends up "holding" the
-        whole checkpoint (Llama-2-7B: 11 GB of a 14 GB peak). Reopening a shard costs one header parse. Pickled
+        whole checkpoint (Llama-2-7B: 11 GB of a 14 GB peak). Tensors read from a shard are views of its mapping, so
+        it goes only once they are freed too. Reopening a shard costs one header parse. Pickled
         state dicts are kept: some cannot be memory-mapped and would be read again whole."""
         if self.kind == "safetensors":
             self._handles.clear()
