@@ -86,7 +86,7 @@ def factorize(
         evals, evecs = torch.linalg.eigh((small + small.T) / 2)
         del small
         k = min(rank, d)
-        p = evecs[:, -k:].flip(-1).contiguous()  # (d, k)
+        p = evecs[:, -k:].flip(-1)  # (d, k): flip copies, so evecs can go
         del evecs
         down = torch.cat([p.T @ r_factor, torch.zeros(rank - k, d, dtype=torch.float64)])  # (r, d) == top.T @ z
         del r_factor
