@@ -40,8 +40,8 @@ class ShardWriter:
 
     def __init__(self, folder: Path, max_shard_bytes: int):
         self.folder, self.max_shard_bytes = Path(folder), max_shard_bytes
-        self.shards: list[list[str]] = []
-        self.flushed: set[str] = set()  # names in earlier shards: the duplicate check stays O(1) on 70B's ~700 tensors
+        self.shard_of: dict[str, int] = {}  # name -> index of the written shard that holds it
+        self.n_shards = 0
         self.total_bytes = 0
         self._open()
 
@@ -53,14 +53,14 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if tensor.dtype not in _DTYPES:
             raise TypeError(f"{name}: safetensors has no dtype {tensor.dtype}.")
-        if name in self.entries or name in self.flushed:
+        if name in self.entries or name in self.shard_of:
             raise ValueError(f"{name} is written twice.")
         nbytes = tensor.numel() * tensor.element_size()
         if self.entries and self.shard_bytes + nbytes > self.max_shard_bytes:
             self.flush()
         size = tensor.element_size()
         if size not in self.parts:
-            self.parts[size] = open(self.folder / f"shard-{len(self.shards):05d}.part{size}", "w+b")
+            self.parts[size] = open(self.folder / f"shard-{self.n_shards:05d}.part{size}", "w+b")
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # (nbytes,)
         self.parts[size].write(data.numpy().data)
         self.entries[name] = (_DTYPES[tensor.dtype], list(tensor.shape), size, nbytes)
@@ -79,7 +79,7 @@ class ShardWriter:
                     offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        path = self.folder / f"shard-{len(self.shards):05d}.tmp"
+        path = self.folder / f"shard-{self.n_shards:05d}.tmp"
         with open(path, "wb") as f:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
@@ -89,20 +89,19 @@ class ShardWriter:
                 shutil.copyfileobj(part, f, 1 << 24)
                 part.close()
                 os.remove(part.name)
-        self.shards.append(list(self.entries))
-        self.flushed.update(self.entries)
+        self.shard_of.update(dict.fromkeys(self.entries, self.n_shards))
+        self.n_shards += 1
         self._open()
 
     def finish(self) -> Path:
         """Name the shards model-0000i-of-0000n.safetensors and write model.safetensors.index.json."""
         self.flush()
-        n = len(self.shards)
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        n = self.n_shards
+        finals = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, final in enumerate(finals):
             os.replace(self.folder / f"shard-{i:05d}.tmp", self.folder / final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        weight_map = {name: finals[i] for name, i in sorted(self.shard_of.items())}
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         path = self.folder / "model.safetensors.index.json"
         path.write_text(json.dumps(index, indent=2) + "\n")
         return path
