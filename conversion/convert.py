@@ -115,16 +115,16 @@ def plan_attention(
 
 def calibration_ids(source: Source, calibration, *, tokens: int, seq_len: int) -> tuple[torch.Tensor, dict]:
     """Token ids (N, seq_len) to calibrate on: the user's text, or text the source model samples itself."""
-    from .data import load_texts, pack_tokens, sample_texts_from_model
+    from .data import corpus_rows, sample_texts_from_model
 
     if isinstance(calibration, TokenizedText):
         ids = calibration.ids[: max(1, tokens // calibration.ids.shape[1])]
         return ids, {"source": calibration.source, "tokens": int(ids.numel()), "seq_len": int(ids.shape[1])}
     tokenizer = source.load_tokenizer()
     if calibration is not None and len(calibration):
-        texts = load_texts(calibration)
-        ids = pack_tokens(tokenizer, texts, seq_len=seq_len, max_tokens=tokens)
-        return ids, {"source": [str(c) for c in calibration], "tokens": int(ids.numel()), "seq_len": seq_len}
+        ids = corpus_rows(tokenizer, calibration, seq_len=seq_len, rows=max(1, tokens // seq_len))
+        return ids, {"source": [str(c) for c in calibration], "tokens": int(ids.numel()), "seq_len": seq_len,
+                     "rows": "spread evenly over the text"}  # fmt: skip
     logger.warning("No calibration text given: calibrating on text sampled from the source model itself.")
     model = source.load_model()
     ids = sample_texts_from_model(model, tokenizer, n_sequences=max(1, tokens // seq_len), seq_len=seq_len)

@@ -16,7 +16,7 @@ import torch
 from transformers.utils import logging
 
 from .convert import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
-from .data import TokenizedText, load_texts, pack_tokens
+from .data import TokenizedText, corpus_rows, load_texts, pack_tokens
 from .evaluate import decode_speed, kv_cache_bytes_per_token, perplexity
 from .export import atomic_output_dir
 from .sources import Source, open_source
@@ -58,7 +58,7 @@ def sweep(
     calib = None
     if calibration:
         calib = TokenizedText(
-            pack_tokens(tokenizer, load_texts(calibration), seq_len=calibration_seq_len, max_tokens=calibration_tokens),
+            corpus_rows(tokenizer, calibration, seq_len=calibration_seq_len, rows=max(1, calibration_tokens // calibration_seq_len)),
             [str(c) for c in calibration],
         )  # fmt: skip
 

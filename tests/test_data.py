@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from conversion.data import load_texts, pack_tokens, sample_texts_from_model
+from conversion.data import corpus_rows, load_texts, pack_tokens, sample_texts_from_model, spread_tokens
 
 WORDS = "<unk> <s> </s> the a of and to in is was it that he she said".split()
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -116,6 +116,36 @@ def test_pack_tokens_max_tokens(tok):
 def test_pack_tokens_too_little_text(tok):
     with pytest.raises(ValueError, match="only 3 tokens.*seq_len=16 needs 15"):
         pack_tokens(tok, ["the a of"], seq_len=16)
+
+
+def test_spread_tokens_rows_from_every_part(tok):
+    # four documents, each one word repeated: a row's words say where in the corpus it came from
+    texts = [" ".join([w] * 40) for w in ("the", "and", "was", "she")]  # equal lengths: two stretches each
+    ids = spread_tokens(tok, texts, seq_len=6, rows=8)
+    assert ids.shape == (8, 6) and (ids[:, 0] == tok.bos_token_id).all()
+    # two rows per document, in corpus order, where pack_tokens would take all eight from the first document
+    assert ids[:, 1].tolist() == [3, 3, 6, 6, 10, 10, 14, 14]
+    assert (pack_tokens(tok, texts, seq_len=6, max_tokens=48)[:, 1] == 3).all()
+    # a row that reaches a document's end reads on into the next one, EOS between them
+    row = spread_tokens(tok, ["the a of", "and to in is was it"], seq_len=5, rows=2, add_bos=False)
+    assert row[0].tolist() == [3, 4, 5, 2, 6] and row[1, 0].item() != 3
+
+
+def test_spread_tokens_short_text_packs_from_start(tok):
+    # 12 tokens for 2 rows of BOS + 6: the second half, started at a word boundary, holds fewer than 6
+    texts = ["the a of and to in is was it that he she"]
+    ids = spread_tokens(tok, texts, seq_len=7, rows=2)
+    assert torch.equal(ids, pack_tokens(tok, texts, seq_len=7, max_tokens=14)) and ids[1, 1:].tolist() == [9, 10, 11, 12, 13, 14]
+    with pytest.raises(ValueError, match="rows=0"):
+        spread_tokens(tok, texts, seq_len=7, rows=0)
+
+
+def test_corpus_rows_reads_a_bounded_slice(tok, tmp_path):
+    for i in range(5):
+        (tmp_path / f"{i}.txt").write_text(" ".join(["the a of"] * 2000))
+    ids = corpus_rows(tok, tmp_path, seq_len=4, rows=2)  # reads 400 * 8 characters: the first of five 12k files
+    assert ids.shape == (2, 4)
+    assert torch.equal(ids, spread_tokens(tok, load_texts(tmp_path / "0.txt"), seq_len=4, rows=2))
 
 
 @pytest.mark.skipif(not (SHARED / "austen").is_dir(), reason="shared/data/austen not present")
