@@ -6,7 +6,7 @@ so building it never holds more than one shard; it is kept and reused (`--source
 A tokenizer is not written: weight-only conversion needs no calibration text.
 
 The conversion runs in a fresh subprocess: `convert(source, out, kv_budget=0.25, factorization="weight",
-rope_selection="high")`, then reports that process's peak RSS (VmHWM, see conversion.evaluate.peak_rss_mb; file pages
+rope_selection="high")`, then reports that process's peak RSS (VmHWM, see conversion.memory.peak_rss_mb; file pages
 that safetensors mmaps count in it while they are resident), its wall and CPU time, convert()'s per-layer seconds,
 and other processes' load on the machine. The output (another ~13.5 GB) is deleted afterwards unless --keep.
 

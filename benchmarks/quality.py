@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
-from conversion.evaluate import peak_rss_mb  # noqa: E402  (VmHWM: ru_maxrss inherits the parent's across exec)
+from conversion.memory import peak_rss_mb  # noqa: E402  (VmHWM: ru_maxrss inherits the parent's across exec)
 
 BUDGETS = (0.5, 0.25, 0.125)
 TARGETS = {0.5: 1.3, 0.25: 2.0, 0.125: 4.0}  # issue targets for the zero-shot ppl ratio

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .evaluate import release_freed_memory
+from .memory import release_freed_memory
 from .factorize import factorize
 from .rope import pair_rows, pair_scores, select_pairs, shared_key_mixing
 

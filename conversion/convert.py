@@ -23,7 +23,7 @@ from .calibrate import (
     source_attention,
 )
 from .data import TokenizedText
-from .evaluate import peak_rss_mb, release_freed_memory
+from .memory import peak_rss_mb, release_freed_memory
 from .export import ShardWriter, atomic_output_dir, check_output_dir, copy_remote_code, parse_size
 from .rope import AUTO_STRATEGY, STRATEGIES
 from .sources import _MODEL_TYPES, Source, open_source

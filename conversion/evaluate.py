@@ -2,7 +2,6 @@
 a greedy sample. Every figure is measured on the running model (the KV size from the cache tensors after a real
 forward pass, not from the config), model and baseline in the same run."""
 
-import ctypes
 import json
 import math
 import os
@@ -14,6 +13,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
+
+from .memory import peak_memory_mb, reset_peak_memory
 
 
 logger = logging.get_logger(__name__)
@@ -70,53 +71,6 @@ def kv_cache_bytes_per_token(model, ids: torch.Tensor) -> float:
     return cache_bytes(_cache_of(model(ids.to(device), use_cache=True))) / ids.numel()
 
 
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: "5" resets the process's peak RSS (VmHWM) to its current RSS
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process: VmHWM (resettable, see `_reset_peak_memory`). Not getrusage's ru_maxrss where
-    VmHWM exists: a child started by fork/exec inherits its parent's high-water mark in ru_maxrss."""
-    try:
-        status = Path("/proc/self/status").read_text().splitlines()
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def release_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere). After the first large
-    tensors are freed, glibc raises its mmap threshold and serves later tensors of up to 32 MB from its heap, which
-    it keeps when they are freed: converting layer after layer then grows the RSS by hundreds of MB that hold
-    nothing (SmolLM2-135M: peak 1.5 GB -> 1.2 GB when called after each layer, at no measurable cost in time)."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL("libc.so.6")
-            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc = None
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return peak_rss_mb()
-
-
 @torch.no_grad()
 def decode_speed(model, *, context: int, batch: int, steps: int = 16, warmup: int = 2, seed: int = 0) -> dict:
     """Prefill `batch` sequences of `context` random tokens, then time greedy decode steps the way generate() runs
@@ -129,7 +83,7 @@ def decode_speed(model, *, context: int, batch: int, steps: int = 16, warmup: in
     vocab = model.config.vocab_size
     ids = torch.randint(min(3, vocab - 1), vocab, (batch, context), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(device)  # (B, T)
-    _reset_peak_memory(device)
+    reset_peak_memory(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     out = model(ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
@@ -150,7 +104,7 @@ def decode_speed(model, *, context: int, batch: int, steps: int = 16, warmup: in
     return {
         "context": context, "batch": batch, "prefill_s": round(prefill_s, 4), "decode_ms_per_step": round(step * 1e3, 3),
         "tokens_per_s": round(batch / step, 2), "kv_cache_bytes": kv_bytes,
-        "peak_memory_mb": round(_peak_memory_mb(device), 1),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
     }  # fmt: skip
 
 
