@@ -19,7 +19,8 @@ def _add_convert(sub):
     p.add_argument("--rope-heads", choices=["shared", "per-kv-head"], default="shared")
     p.add_argument("--rope-selection", choices=["auto", "high", "uniform", "2norm", "rotation"], default="auto")
     p.add_argument("--factorization", choices=["activation", "weight"], default="activation")
-    p.add_argument("--calibration", nargs="+", metavar="PATH", help="text / jsonl files, folders or a datasets name")
+    p.add_argument("--calibration", nargs="+", metavar="PATH",
+                   help="text / jsonl files, folders or a datasets name; rows are taken evenly across all of it")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS)
     p.add_argument("--calibration-seq-len", type=int, default=CALIBRATION_SEQ_LEN)
     p.add_argument("--fit-steps", type=int, default=FIT_STEPS,
