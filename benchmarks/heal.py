@@ -1,7 +1,8 @@
 """Healing curve on the embedded SmolLM2-135M-Instruct at 1/4 of the KV cache: perplexity vs training tokens.
 
 1. Convert the embedded GGUF at --kv-budget (default 0.25) with the converter's defaults (or those plus --convert),
-   calibrated on the Austen novels (cached in --work; reused when present: use a fresh --work per setting).
+   calibrated on the Austen novels (cached in --work, and reused when asked for with the same budget, target and
+   --convert settings; after a change to the converter's code, use a fresh --work).
 2. For each token budget in --tokens, heal that conversion from scratch (full schedule for that budget) with
    `conversion.heal` defaults (LoRA rank 32 on q/kv_b/o, kv_a_proj_with_mqa trained in full, KL to the teacher +
    per-layer hidden-state match), teacher = the source model, data = the Austen novels.
@@ -66,9 +67,15 @@ def main():
     converted = work / f"converted-{args.kv_budget:g}" if args.target == "hf_mla" else work / f"converted-{args.kv_budget:g}-{args.target}"
     convert_settings = json.loads(args.convert)
     src = open_source(gguf)
-    if not (converted / "conversion_report.json").is_file():
+    # reuse a cached conversion only if it was asked for with the same settings (code changes still need a fresh --work)
+    request = {"kv_budget": args.kv_budget, "target": args.target, "convert": convert_settings, "calibration": austen}
+    cached = converted / "benchmark_request.json"
+    if not cached.is_file() or json.loads(cached.read_text()) != request:
+        if converted.exists():
+            print(f"{converted} was converted with other settings (or by hand); converting again")
         convert(src, converted, kv_budget=args.kv_budget, calibration=austen, overwrite=True, target=args.target,
                 **convert_settings)  # fmt: skip
+        cached.write_text(json.dumps(request, indent=2) + "\n")
     conversion = json.loads((converted / "conversion_report.json").read_text())
     tokenizer = src.load_tokenizer()
     ids = britannica_ids(tokenizer)
