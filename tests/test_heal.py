@@ -17,7 +17,8 @@ from conversion import convert
 from conversion.heal import HealSettings, _loss, heal
 
 
-TINY = dict(tokens=768, seq_len=32, batch_size=4, grad_accum=1, lora_rank=4, eval_every=4, eval_sequences=2, lr=3e-3)
+TINY = dict(tokens=768, seq_len=32, batch_size=4, grad_accum=1, lora_rank=4, eval_every=4, eval_sequences=2, lr=3e-3,
+            mixed_precision="no")  # fp32 on every machine: bf16 autocast only where native would make results differ
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,12 @@ def _kd(student_path, teacher_path, ids):
 
 
 def test_healing_lowers_the_distillation_loss_and_merges_exactly(pair, tmp_path):
+    # 22 steps: with 6 the gain sat near the 10% bar and fell under it (8.7%) once the calibration rows of the tiny
+    # conversion were spread over the text; with 22 it is 19%
+    settings = {**TINY, "tokens": 2816}
     report = heal(pair / "mla", tmp_path / "healed", teacher=pair / "src", data=[pair / "train.txt"], progress=False,
-                  **TINY)  # fmt: skip
-    assert report["steps"] == 6 and report["tokens_seen"] == 6 * 4 * 32  # 768 tokens = 24 sequences of 32
+                  **settings)  # fmt: skip
+    assert report["steps"] == 22 and report["tokens_seen"] == 22 * 4 * 32  # 2816 tokens = 88 sequences of 32
     held_out = _ids()
     assert _kd(tmp_path / "healed", pair / "src", held_out) < 0.9 * _kd(pair / "mla", pair / "src", held_out)
     out = tmp_path / "healed"
@@ -63,7 +67,7 @@ def test_healing_lowers_the_distillation_loss_and_merges_exactly(pair, tmp_path)
 
     # the adapter-only output of the same run, loaded on the converted base, gives the merged model's logits
     heal(pair / "mla", tmp_path / "adapter", teacher=pair / "src", data=[pair / "train.txt"], adapter_only=True,
-         progress=False, **TINY)  # fmt: skip
+         progress=False, **settings)  # fmt: skip
     from peft import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(pair / "mla", dtype=torch.float32)
