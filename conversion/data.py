@@ -174,11 +174,7 @@ def pack_tokens(
     """
     if isinstance(texts, str):  # one document, not a sequence of characters
         texts = [texts]
-    bos = tokenizer.bos_token_id if add_bos else None
-    eos = tokenizer.eos_token_id
-    body = seq_len - (bos is not None)
-    if body < 1:
-        raise ValueError(f"seq_len={seq_len} leaves no room for text after BOS; use seq_len >= 2.")
+    bos, eos, body = _row_layout(tokenizer, seq_len, add_bos)
     rows_wanted = None if max_tokens is None else max_tokens // seq_len
     if rows_wanted == 0:
         raise ValueError(f"max_tokens={max_tokens} is less than one sequence of seq_len={seq_len}; raise max_tokens.")
@@ -198,10 +194,23 @@ def pack_tokens(
             f"the text gives only {len(flat)} tokens, but one sequence of seq_len={seq_len} needs {body} text tokens; "
             "pass more text or a smaller seq_len."
         )
-    ids = torch.tensor(flat[: rows * body], dtype=torch.long).view(rows, body)
-    if bos is not None:
-        ids = torch.cat([torch.full((rows, 1), bos, dtype=torch.long), ids], dim=1)
-    return ids
+    return _with_bos(torch.tensor(flat[: rows * body], dtype=torch.long).view(rows, body), bos)
+
+
+def _row_layout(tokenizer, seq_len: int, add_bos: bool) -> tuple[int | None, int | None, int]:
+    """(BOS or None, EOS or None, text tokens per row) of rows of seq_len tokens."""
+    bos = tokenizer.bos_token_id if add_bos else None
+    body = seq_len - (bos is not None)
+    if body < 1:
+        raise ValueError(f"seq_len={seq_len} leaves no room for text after BOS; use seq_len >= 2.")
+    return bos, tokenizer.eos_token_id, body
+
+
+def _with_bos(ids: torch.LongTensor, bos: int | None) -> torch.LongTensor:
+    """(rows, body) -> (rows, seq_len): BOS in front of every row, where there is one."""
+    if bos is None:
+        return ids
+    return torch.cat([torch.full((ids.shape[0], 1), bos, dtype=torch.long), ids], dim=1)
 
 
 def spread_tokens(
@@ -214,10 +223,11 @@ def spread_tokens(
 ) -> torch.LongTensor:
     """`rows` sequences (rows, seq_len) taken from evenly spaced places across all of `texts`, not from its start.
 
-    Calibration and healing use a few thousand to a few hundred thousand tokens of corpora that are often far
-    larger, and the start of a corpus is one book or one topic: on SmolLM2-135M at 1/4 of the KV cache, calibrating
-    on the first 8,192 tokens of the Austen novels gave 2.81x the source perplexity on Britannica, 32 rows spread
-    over the novels 2.44x (BENCHMARKS.md). The text is cut into `rows` equal stretches of characters and each row is
+    Calibration uses a few thousand tokens of corpora that are often far larger, and the start of a corpus is one
+    book or one topic: on SmolLM2-135M at 1/4 of the KV cache, calibrating on the first 8,192 tokens of the Austen
+    novels gave 1.50x the source perplexity on a held-out novel, 32 rows spread over the others 1.37-1.38x
+    (benchmarks/calibration_rows.py; on out-of-domain text the sample moves the result more than the spreading
+    does). The text is cut into `rows` equal stretches of characters and each row is
     tokenized from the start of its stretch (moved to the next word boundary), so only the rows' own text is
     tokenized and rows never overlap. Rows read on across document ends (EOS between documents), as in pack_tokens.
     Where the text is too short to give every stretch a full row, rows are packed from the start instead
@@ -226,11 +236,7 @@ def spread_tokens(
     if isinstance(texts, str):
         texts = [texts]
     texts = [t for t in texts if t]
-    bos = tokenizer.bos_token_id if add_bos else None
-    eos = tokenizer.eos_token_id
-    body = seq_len - (bos is not None)
-    if body < 1:
-        raise ValueError(f"seq_len={seq_len} leaves no room for text after BOS; use seq_len >= 2.")
+    bos, eos, body = _row_layout(tokenizer, seq_len, add_bos)
     if rows < 1:
         raise ValueError(f"rows={rows}: ask for at least one sequence.")
     starts = list(itertools.accumulate((len(t) for t in texts), initial=0))  # document i spans starts[i]:starts[i+1]
@@ -247,7 +253,10 @@ def spread_tokens(
         if off:  # start at a word, not inside one (text with no spaces nearby, e.g. Chinese, starts where it is)
             near = texts[doc][off : off + 200]
             space = re.search(r"\s", near)
-            off += space.end() if space else len(near) if off + len(near) == len(texts[doc]) else 0
+            if space:
+                off += space.end()
+            elif off + len(near) == len(texts[doc]):  # the document ends inside this word: start at the next one
+                off = len(texts[doc])
         left = want
         while left > 0 and doc < len(texts):
             piece = texts[doc][off : off + left]
@@ -263,14 +272,11 @@ def spread_tokens(
     if min(len(f) for f in flat) < body:
         logger.info(f"The text is too short to spread {rows} rows of {seq_len} tokens over it; packing from its start.")
         return pack_tokens(tokenizer, texts, seq_len=seq_len, max_tokens=rows * seq_len, add_bos=add_bos)
-    ids = torch.tensor([f[:body] for f in flat], dtype=torch.long)  # (rows, body)
-    if bos is not None:
-        ids = torch.cat([torch.full((rows, 1), bos, dtype=torch.long), ids], dim=1)  # (rows, seq_len)
-    return ids
+    return _with_bos(torch.tensor([f[:body] for f in flat], dtype=torch.long), bos)  # (rows, seq_len)
 
 
 def corpus_rows(tokenizer, sources, *, seq_len: int, rows: int, text_field: str = "text") -> torch.LongTensor:
-    """Training or calibration rows (rows, seq_len) spread over the text in `sources` (files, folders, datasets).
+    """Calibration rows (rows, seq_len) spread over the text in `sources` (files, folders, datasets).
 
     Reads at most ~400 characters per token wanted (the whole of the Austen novels for 8,192 calibration tokens), so
     that a streamed Hub corpus is sampled from a bounded slice, not read to its end."""
