@@ -113,14 +113,16 @@ def plan_attention(
     return plan, budget
 
 
-def calibration_ids(source: Source, calibration, *, tokens: int, seq_len: int) -> tuple[torch.Tensor, dict]:
-    """Token ids (N, seq_len) to calibrate on: the user's text, or text the source model samples itself."""
+def calibration_ids(source: Source, calibration, *, tokens: int, seq_len: int,
+                    tokenizer=None) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """Token ids (N, seq_len) to calibrate on: the user's text, or text the source model samples itself.
+    `tokenizer`: the source's, where the caller has it loaded already."""
     from .data import corpus_rows, sample_texts_from_model
 
     if isinstance(calibration, TokenizedText):
         ids = calibration.ids[: max(1, tokens // calibration.ids.shape[1])]
         return ids, {"source": calibration.source, "tokens": int(ids.numel()), "seq_len": int(ids.shape[1])}
-    tokenizer = source.load_tokenizer()
+    tokenizer = tokenizer or source.load_tokenizer()
     if calibration is not None and len(calibration):
         ids = corpus_rows(tokenizer, calibration, seq_len=seq_len, rows=max(1, tokens // seq_len))
         return ids, {"source": [str(c) for c in calibration], "tokens": int(ids.numel()), "seq_len": seq_len,

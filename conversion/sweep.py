@@ -16,7 +16,7 @@ import torch
 from transformers.utils import logging
 
 from .convert import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
-from .data import TokenizedText, corpus_rows, load_texts, pack_tokens
+from .data import TokenizedText, load_texts, pack_tokens
 from .evaluate import decode_speed, kv_cache_bytes_per_token, perplexity
 from .export import atomic_output_dir
 from .sources import Source, open_source
@@ -47,7 +47,7 @@ def sweep(
     """Convert `source` at each budget into output_dir/budget-<b>, evaluate each on `text` against the source, and
     write sweep.json, sweep.md and sweep.png into output_dir (atomically: all or nothing). Returns sweep.json's
     content. `convert_kwargs` go to every `convert` call (e.g. fit_steps, rope_heads)."""
-    from .convert import convert, plan_attention
+    from .convert import calibration_ids, convert, plan_attention
 
     budgets = sorted({float(b) for b in budgets}, reverse=True)
     src = source if isinstance(source, Source) else open_source(source)
@@ -56,11 +56,10 @@ def sweep(
     tokenizer = src.load_tokenizer()
     eval_ids = pack_tokens(tokenizer, load_texts(text), seq_len=context, max_tokens=eval_tokens)
     calib = None
-    if calibration:
-        calib = TokenizedText(
-            corpus_rows(tokenizer, calibration, seq_len=calibration_seq_len, rows=max(1, calibration_tokens // calibration_seq_len)),
-            [str(c) for c in calibration],
-        )  # fmt: skip
+    if calibration:  # taken once, as convert() would take them, and shared by every budget
+        ids, info = calibration_ids(src, calibration, tokens=calibration_tokens, seq_len=calibration_seq_len,
+                                    tokenizer=tokenizer)  # fmt: skip
+        calib = TokenizedText(ids, info["source"])
 
     def measure(model) -> dict:
         return {
