@@ -14,12 +14,11 @@ Prints one JSON line: the ratios, the source perplexities and the conversion's w
 """
 
 import json
-import math
 import sys
 import time
-from pathlib import Path
 
 import torch
+from ablation import DATA, eval_ids, ppl  # the Britannica windows and perplexity of the converter ablations
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
@@ -27,14 +26,6 @@ import hf_mla  # noqa: F401
 import conversion.data as data
 from conversion import convert, embedded_default_source, open_source
 from conversion.data import TokenizedText, load_texts, pack_tokens, sample_texts_from_model, spread_tokens
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@torch.no_grad()
-def ppl(model, ids):
-    nll = sum(model(ids[i : i + 4], labels=ids[i : i + 4]).loss.item() for i in range(0, len(ids), 4))
-    return math.exp(nll / len(range(0, len(ids), 4)))
 
 
 def main():
@@ -44,7 +35,7 @@ def main():
     extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     src = open_source(embedded_default_source())
     tok = src.load_tokenizer()
-    brit = pack_tokens(tok, load_texts(DATA / "britannica-1911-shakespeare.txt"), seq_len=512, max_tokens=512 * 8)
+    brit = eval_ids(tok)
     austen_tail = (DATA / "austen" / "sensesensibility.txt").read_text()[-60000:]
     austen = pack_tokens(tok, [austen_tail], seq_len=512, max_tokens=512 * 8)
     files = sorted(map(str, (DATA / "austen").glob("*.txt")))

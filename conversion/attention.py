@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .memory import release_freed_memory
 from .factorize import factorize
+from .memory import release_freed_memory
 from .rope import pair_rows, pair_scores, select_pairs, shared_key_mixing
 
 
