@@ -35,9 +35,15 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def input_covariance(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, chunk: int = 8,
-                     token_weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                     token_weight: torch.Tensor | None = None, shrinkage: float = 0.0) -> torch.Tensor:  # fmt: skip
     """E[x~ x~^T] (float64, (d + 1)^2) of the attention input x = input_layernorm(h), augmented x~ = [x; 1] so that
-    biases count: the last row and column hold E[x] and 1. With `token_weight` (N, T), the weighted mean instead."""
+    biases count: the last row and column hold E[x] and 1. With `token_weight` (N, T), the weighted mean instead.
+
+    `shrinkage` blends the d x d block toward its own diagonal. A few thousand tokens of one text give that text's
+    covariance: the directions its tokens never excite get no weight, so the factorization drops them, though other
+    text needs them. The diagonal keeps every input dimension at its own scale and forgets only the correlations,
+    which are what is specific to the text (SmolLM2-135M at 1/4, calibrated on Austen: Britannica 2.78x -> 2.57x the
+    source perplexity at 0.5, held-out Austen 1.32x -> 1.35x)."""
     d = h.shape[-1]
     sigma = torch.zeros(d + 1, d + 1, dtype=torch.float64)
     for i in range(0, h.shape[0], chunk):
@@ -46,7 +52,11 @@ def input_covariance(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, chu
         xw = x if token_weight is None else x * token_weight[i : i + chunk].reshape(-1, 1).double()
         sigma += xw.T @ x
     total = h.shape[0] * h.shape[1] if token_weight is None else token_weight.double().sum().clamp_min(1e-30)
-    return sigma / total
+    sigma /= total
+    if shrinkage:  # (1 - s) * block + s * diag(block): the diagonal stays, the correlations shrink
+        block, diagonal = sigma[:d, :d], sigma[:d, :d].diagonal().clone()
+        block.mul_(1 - shrinkage).diagonal().copy_(diagonal)
+    return sigma
 
 
 @torch.no_grad()

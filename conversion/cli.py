@@ -5,7 +5,9 @@ import json
 import os
 import sys
 
-from .convert import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, FIT_PRECISIONS, FIT_SEQUENCES, FIT_STEPS
+from .convert import (
+    CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, COVARIANCE_SHRINKAGE, FIT_PRECISIONS, FIT_SEQUENCES, FIT_STEPS,
+)  # fmt: skip
 
 
 def _add_convert(sub):
@@ -36,6 +38,10 @@ def _add_convert(sub):
     p.add_argument("--attention-weighting", type=float, default=1.0, metavar="SHARE",
                    help="share of the calibration statistics that weighs each token by the attention it receives in "
                    "the source (sink tokens); 0: every token alike")  # fmt: skip
+    p.add_argument("--covariance-shrinkage", type=float, default=COVARIANCE_SHRINKAGE, metavar="SHARE",
+                   help="blend the calibration statistics toward their diagonal by this share, so the conversion "
+                   "keeps what the calibration text does not use but other text does; 0: the text's statistics as "
+                   "they are")  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only once the new one is done)")
@@ -163,7 +169,8 @@ def cmd_convert(args) -> int:
         factorization=args.factorization, calibration=args.calibration, calibration_tokens=args.calibration_tokens,
         calibration_seq_len=args.calibration_seq_len, fit_steps=args.fit_steps, fit_seq_len=args.fit_seq_len,
         fit_target=args.fit_target, fit_sequences=args.fit_sequences,
-        fit_precision=args.fit_precision, attention_weighting=args.attention_weighting, dtype=args.dtype,
+        fit_precision=args.fit_precision, attention_weighting=args.attention_weighting,
+        covariance_shrinkage=args.covariance_shrinkage, dtype=args.dtype,
         overwrite=args.overwrite, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
         max_shard_size=args.max_shard_size, base_model=args.base_model, target=args.target,
     )  # fmt: skip

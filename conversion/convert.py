@@ -39,6 +39,9 @@ CALIBRATION_TOKENS = 8192
 CALIBRATION_SEQ_LEN = 256
 FIT_STEPS = 128
 FIT_SEQUENCES = 32
+# Calibration statistics blended halfway toward their diagonal: on text unlike the calibration text the conversion
+# loses 7% less perplexity, on text like it 3% more (benchmarks/calibration_rows.py, session 7 in BENCHMARKS.md).
+COVARIANCE_SHRINKAGE = 0.5
 TARGETS = ("hf_mla", "deepseek")
 FIT_PRECISIONS = ("auto", "bf16", "fp32")
 DEEPSEEK_SELECTIONS = ("high", "uniform")
@@ -197,6 +200,7 @@ def convert(
     rope_context: int = 2048,
     key_weight: float = 1.0,
     attention_weighting: float = 1.0,
+    covariance_shrinkage: float = COVARIANCE_SHRINKAGE,
     fit_steps: int = FIT_STEPS,
     fit_sequences: int = FIT_SEQUENCES,
     fit_lr: float = 1e-3,
@@ -227,7 +231,10 @@ def convert(
     `attention_weighting`: the share of the calibration statistics in which each token counts by the attention it
     receives in the source layer (0: every token alike). Keys and values matter to the output in proportion to the
     attention they get, and most of it goes to a few sink tokens (the first one above all) that a plain covariance
-    counts as one token in thousands (`calibrate.attention_received`). `fit_precision`: "auto" runs the fit's
+    counts as one token in thousands (`calibrate.attention_received`). `covariance_shrinkage`: the share by which
+    those statistics are blended toward their diagonal, so that the conversion keeps what the calibration text does
+    not use but other text does (`calibrate.input_covariance`; 0: the calibration text's statistics as they are).
+    `fit_precision`: "auto" runs the fit's
     training steps under bf16 autocast where bf16 is native (same result on SmolLM2-135M, 15% less time), "fp32" never.
     `fit_batch`: calibration sequences per fit step (one: more, smaller steps fit better at equal cost)."""
     t0 = time.time()
@@ -235,6 +242,8 @@ def convert(
         raise ValueError(f"fit_target is {fit_target!r}; choose 'local' or 'stream'.")
     if not 0 <= attention_weighting <= 1:
         raise ValueError(f"attention_weighting is {attention_weighting}; it is a share, in [0, 1].")
+    if not 0 <= covariance_shrinkage <= 1:
+        raise ValueError(f"covariance_shrinkage is {covariance_shrinkage}; it is a share, in [0, 1].")
     if fit_precision not in FIT_PRECISIONS:
         raise ValueError(f"fit_precision is {fit_precision!r}; choose one of {FIT_PRECISIONS}.")
     fit_bf16 = fit_precision == "bf16" or (fit_precision == "auto" and native_bf16())
@@ -301,7 +310,7 @@ def convert(
                     received = attention_received(h, ln1.float(), eps, wf, n_heads=H, n_kv_heads=K, head_dim=D,
                                                   inv_freq=inv_freq, attention_factor=attention_factor)  # fmt: skip
                     weight = (1 - attention_weighting) + attention_weighting * received
-                sigma = input_covariance(h, ln1.float(), eps, token_weight=weight)
+                sigma = input_covariance(h, ln1.float(), eps, token_weight=weight, shrinkage=covariance_shrinkage)
             conv = convert_attention(
                 get["q_proj.weight"], get["k_proj.weight"], get["v_proj.weight"], get["o_proj.weight"],
                 sigma, inv_freq, plan,
@@ -369,7 +378,7 @@ def convert(
                          "fit_steps": fit_steps, "fit_sequences": fit_sequences, "fit_lr": fit_lr,
                          "fit_seq_len": fit_seq_len, "fit_batch": fit_batch, "fit_target": fit_target, "target": target,
                          "fit_precision": "bf16" if fit_bf16 else "fp32",
-                         "attention_weighting": attention_weighting},
+                         "attention_weighting": attention_weighting, "covariance_shrinkage": covariance_shrinkage},
             "budget": budget,
             "calibration": calib_info,
             "layers": layers_report,

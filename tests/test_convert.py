@@ -125,11 +125,11 @@ def test_factorization_at_full_rank_reproduces_partial_rope_model(tmp_path, ids,
     assert_close(logits(tmp_path / "out", ids), reference)
 
     errors, retained = [], []
-    for rank in (4, 12, 24, 40):
+    for rank in (4, 12, 24, 40):  # on the statistics as measured (no shrinkage): the metric the factorization is exact in
         report = convert(
             tmp_path / "src", tmp_path / f"r{rank}", kv_lora_rank=rank, rope_dim=6, rope_heads="per-kv-head",
             rope_selection="high", factorization=factorization, calibration=[calib], calibration_seq_len=32,
-            calibration_tokens=2048, progress=False, fit_steps=0,
+            calibration_tokens=2048, progress=False, fit_steps=0, covariance_shrinkage=0.0,
         )  # fmt: skip
         retained.append(report["mean_retained_energy"])
         errors.append((logits(tmp_path / f"r{rank}", ids) - reference).pow(2).mean().item())
@@ -310,3 +310,24 @@ def test_weighted_input_covariance_is_the_weighted_mean_and_sinks_change_the_con
     assert plain["layers"][0]["retained_energy"] != weighted["layers"][0]["retained_energy"]
     with pytest.raises(ValueError, match="attention_weighting"):
         convert(tmp_path / "src", tmp_path / "bad", attention_weighting=1.5, **common)
+
+
+def test_covariance_shrinkage_blends_toward_the_diagonal_and_changes_the_conversion(tmp_path):
+    from conversion.calibrate import input_covariance
+
+    g = torch.Generator().manual_seed(4)
+    h, ln = torch.randn(2, 6, 8, generator=g), torch.rand(8, generator=g) + 0.5
+    raw, shrunk = input_covariance(h, ln, 1e-6), input_covariance(h, ln, 1e-6, shrinkage=0.25)
+    expected = raw.clone()
+    expected[:8, :8] = 0.75 * raw[:8, :8] + 0.25 * torch.diag(raw[:8, :8].diagonal())
+    torch.testing.assert_close(shrunk, expected)  # the bias row and column (E[x], 1) are left as they are
+
+    save_source(tmp_path / "src")
+    common = dict(kv_budget=0.25, calibration=[_text(tmp_path)], calibration_seq_len=32, calibration_tokens=512,
+                  fit_steps=0, progress=False)  # fmt: skip
+    plain = convert(tmp_path / "src", tmp_path / "plain", covariance_shrinkage=0.0, **common)
+    shrunk = convert(tmp_path / "src", tmp_path / "shrunk", covariance_shrinkage=0.5, **common)
+    assert plain["settings"]["covariance_shrinkage"] == 0.0 and shrunk["settings"]["covariance_shrinkage"] == 0.5
+    assert plain["layers"][0]["retained_energy"] != shrunk["layers"][0]["retained_energy"]
+    with pytest.raises(ValueError, match="covariance_shrinkage"):
+        convert(tmp_path / "src", tmp_path / "bad", covariance_shrinkage=-0.1, **common)
