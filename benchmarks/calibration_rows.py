@@ -28,6 +28,12 @@ from conversion import convert, embedded_default_source, open_source
 from conversion.data import TokenizedText, load_texts, pack_tokens, sample_texts_from_model, spread_tokens
 
 
+def held_out_austen(tokenizer) -> torch.Tensor:
+    """8 x 512 tokens from the last 60,000 characters of *Sense and Sensibility*."""
+    tail = (DATA / "austen" / "sensesensibility.txt").read_text()[-60000:]
+    return pack_tokens(tokenizer, [tail], seq_len=512, max_tokens=512 * 8)
+
+
 def main():
     torch.set_num_threads(2)
     logging.set_verbosity_error()
@@ -36,8 +42,7 @@ def main():
     src = open_source(embedded_default_source())
     tok = src.load_tokenizer()
     brit = eval_ids(tok)
-    austen_tail = (DATA / "austen" / "sensesensibility.txt").read_text()[-60000:]
-    austen = pack_tokens(tok, [austen_tail], seq_len=512, max_tokens=512 * 8)
+    austen = held_out_austen(tok)
     files = sorted(map(str, (DATA / "austen").glob("*.txt")))
     four = [f for f in files if "sensesensibility" not in f]
 
