@@ -234,8 +234,8 @@ def convert(
     counts as one token in thousands (`calibrate.attention_received`). `covariance_shrinkage`: the share by which
     those statistics are blended toward their diagonal, so that the conversion keeps what the calibration text does
     not use but other text does (`calibrate.input_covariance`; 0: the calibration text's statistics as they are).
-    `fit_precision`: "auto" runs the fit's
-    training steps under bf16 autocast where bf16 is native (same result on SmolLM2-135M, 15% less time), "fp32" never.
+    `fit_precision`: "auto" runs the fit's training steps under bf16 autocast where bf16 is native (same result on
+    SmolLM2-135M, 15% less time), "fp32" never.
     `fit_batch`: calibration sequences per fit step (one: more, smaller steps fit better at equal cost)."""
     t0 = time.time()
     if fit_target not in ("local", "stream"):
