@@ -138,12 +138,15 @@ def test_factorization_at_full_rank_reproduces_partial_rope_model(tmp_path, ids,
 
 
 def test_per_layer_fit_lowers_each_layers_attention_error(tmp_path):
-    save_source(tmp_path / "src")
+    source = save_source(tmp_path / "src")
     report = convert(tmp_path / "src", tmp_path / "out", kv_budget=0.25, calibration=[_text(tmp_path)],
                      calibration_seq_len=32, calibration_tokens=512, fit_steps=60, fit_sequences=16, fit_seq_len=32,
                      progress=False)  # fmt: skip
     for layer in report["layers"]:
         assert layer["fit_error_after"] < 0.8 * layer["fit_error_before"], layer
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for mla, src in zip(converted.model.layers, source.model.layers):  # the fit trains the rest, o_proj stays
+        assert torch.equal(mla.self_attn.o_proj.weight, src.self_attn.o_proj.weight)
 
 
 def test_stream_fit_targets_the_source_models_own_stream(tmp_path):
