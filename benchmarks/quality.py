@@ -11,7 +11,7 @@ from its start; the same windows for the source and every converted model; mean 
 predictions, exp'd. Ratio = converted ppl / source ppl.
 
 Each conversion runs in a fresh subprocess (this script with `--one`), which opens the GGUF once, passes the Source
-to convert() (with convert()'s defaults, e.g. its per-layer fit, unless `--fit-steps` is given), and records: wall
+to convert() (with convert()'s defaults, e.g. its per-layer fit, unless `--fit-steps` or `--convert` is given), and records: wall
 time of open + convert (GGUF dequantization happens inside it), the process's CPU time, its peak RSS (VmHWM) right
 after convert() returns (the GGUF is memory-mapped and dequantized one tensor at a time), and "other load": cores
 kept busy by other processes meanwhile (/proc/stat busy time less our own CPU time, / wall), since on a shared
@@ -23,6 +23,8 @@ versions; the JSON records the commit and the dirty files.
     python benchmarks/quality.py --grid full           # 2 x 4 x 2 methods x 3 budgets = 48 conversions
     python benchmarks/quality.py --quick               # 1/4 only, 2 methods, 4 eval windows (a smoke test)
     python benchmarks/quality.py --budgets 0.5 --methods activation/shared/rotation
+    python benchmarks/quality.py --methods activation/shared/rotation --out benchmarks/results/quality-thorough.json \
+        --convert '{"fit_steps": 512, "fit_sequences": 128, "calibration_tokens": 32768}'
 
 Writes benchmarks/results/quality.json (after every run), benchmarks/results/quality.png, and prints Markdown tables.
 """
@@ -86,7 +88,7 @@ def run_one(spec: dict) -> dict:
     from conversion.sources import embedded_default_source, open_source
 
     factorization, rope_heads, selection = spec["method"].split("/")
-    extra = {} if spec["fit_steps"] is None else {"fit_steps": spec["fit_steps"]}
+    extra = {**({} if spec["fit_steps"] is None else {"fit_steps": spec["fit_steps"]}), **spec.get("convert", {})}
     t0, c0, b0 = time.time(), cpu_seconds(), busy_seconds()
     src = open_source(embedded_default_source())
     report = convert(
@@ -186,6 +188,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="1/4 only, activation and weight with shared rotation, 4 windows")
     p.add_argument("--eval-windows", type=int, default=16, help="512-token windows of evaluation text")
     p.add_argument("--fit-steps", type=int, help="convert()'s fit_steps (default: convert()'s own default)")
+    p.add_argument("--convert", default="{}", help="JSON of further convert() settings, e.g. a longer fit")
     p.add_argument("--eval-text", default=str(DATA / "britannica-1911-shakespeare.txt"))
     p.add_argument("--calibration", default=str(DATA / "austen"))
     p.add_argument("--work-dir", default="/work/cache/quality")
@@ -224,6 +227,7 @@ def main():
     res = {
         "command": "python " + " ".join(sys.argv), "machine": machine(), "source_ppl": source_ppl,
         "source": str(embedded_default_source()), "fit_steps": "convert() default" if args.fit_steps is None else args.fit_steps,
+        "convert": json.loads(args.convert),
         "code": {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "conversion", "hf_mla")},
         "eval": {"text": args.eval_text, "windows": ids.shape[0], "seq_len": 512, "tokens": ids.numel()},
         "calibration": args.calibration, "targets_ratio": TARGETS,
@@ -237,7 +241,8 @@ def main():
         out = work / f"{method.replace('/', '_')}_{budget}"
         shutil.rmtree(out, ignore_errors=True)
         spec = {"method": method, "budget": budget, "out": str(out), "calibration": args.calibration,
-                "eval_ids": str(work / "eval_ids.pt"), "fit_steps": args.fit_steps}  # fmt: skip
+                "eval_ids": str(work / "eval_ids.pt"), "fit_steps": args.fit_steps,
+                "convert": json.loads(args.convert)}  # fmt: skip
         cmd = [sys.executable, str(code / "benchmarks" / "quality.py"), "--one", json.dumps(spec)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=code)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
