@@ -88,7 +88,7 @@ def run_one(spec: dict) -> dict:
     from conversion.sources import embedded_default_source, open_source
 
     factorization, rope_heads, selection = spec["method"].split("/")
-    extra = {**({} if spec["fit_steps"] is None else {"fit_steps": spec["fit_steps"]}), **spec.get("convert", {})}
+    extra = spec["convert"]
     t0, c0, b0 = time.time(), cpu_seconds(), busy_seconds()
     src = open_source(embedded_default_source())
     report = convert(
@@ -223,11 +223,12 @@ def main():
     ids = pack_tokens(src.load_tokenizer(), load_texts(args.eval_text), seq_len=512, max_tokens=512 * args.eval_windows)
     torch.save(ids, work / "eval_ids.pt")
     source_ppl = perplexity(src.load_model(torch.float32), ids)
+    settings = {**({} if args.fit_steps is None else {"fit_steps": args.fit_steps}), **json.loads(args.convert)}
     del src
     res = {
         "command": "python " + " ".join(sys.argv), "machine": machine(), "source_ppl": source_ppl,
         "source": str(embedded_default_source()), "fit_steps": "convert() default" if args.fit_steps is None else args.fit_steps,
-        "convert": json.loads(args.convert),
+        "convert": settings,
         "code": {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "conversion", "hf_mla")},
         "eval": {"text": args.eval_text, "windows": ids.shape[0], "seq_len": 512, "tokens": ids.numel()},
         "calibration": args.calibration, "targets_ratio": TARGETS,
@@ -242,7 +243,7 @@ def main():
         shutil.rmtree(out, ignore_errors=True)
         spec = {"method": method, "budget": budget, "out": str(out), "calibration": args.calibration,
                 "eval_ids": str(work / "eval_ids.pt"), "fit_steps": args.fit_steps,
-                "convert": json.loads(args.convert)}  # fmt: skip
+                "convert": settings}  # fmt: skip
         cmd = [sys.executable, str(code / "benchmarks" / "quality.py"), "--one", json.dumps(spec)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=code)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -129,15 +129,20 @@ def _rotated_qk(x, w, *, n_heads, n_kv_heads, head_dim, inv_freq, attention_fact
 
 
 def source_attention(x: torch.Tensor, w: dict[str, torch.Tensor], *, n_heads, n_kv_heads, head_dim, inv_freq,
-                     attention_factor: float = 1.0) -> torch.Tensor:  # fmt: skip
-    """The source (Llama-layout) attention layer's output on its input x (B, T, d), after o_proj."""
-    B, T, _ = x.shape
+                     attention_factor: float = 1.0, chunk: int = 8) -> torch.Tensor:  # fmt: skip
+    """The source (Llama-layout) attention layer's output on its input x (B, T, d), after o_proj; `chunk` sequences
+    at a time, as `run_layer`, so that the (B, H, T, D) temporaries of all of them never set the memory peak."""
     H, K, D = n_heads, n_kv_heads, head_dim
-    q, k = _rotated_qk(x, w, n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
-                       attention_factor=attention_factor)  # fmt: skip
-    v = F.linear(x, w["v_proj.weight"], w.get("v_proj.bias")).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D**-0.5, enable_gqa=H != K)  # (B, H, T, D)
-    return F.linear(out.transpose(1, 2).reshape(B, T, H * D), w["o_proj.weight"], w.get("o_proj.bias"))
+    outs = []
+    for xc in x.split(chunk):  # (b, T, d)
+        b, T, _ = xc.shape
+        q, k = _rotated_qk(xc, w, n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
+                           attention_factor=attention_factor)  # fmt: skip
+        v = F.linear(xc, w["v_proj.weight"], w.get("v_proj.bias")).view(b, T, K, D).transpose(1, 2)  # (b, K, T, D)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D**-0.5, enable_gqa=H != K)  # (b, H, T, D)
+        out = out.transpose(1, 2).reshape(b, T, H * D)  # (b, T, H * D)
+        outs.append(F.linear(out, w["o_proj.weight"], w.get("o_proj.bias")))
+    return torch.cat(outs)
 
 
 def fit_attention(config, state: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor, *, steps: int,

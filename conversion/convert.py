@@ -329,22 +329,19 @@ def convert(
                 lcfg = layer_config(base_kwargs, conv.pairs, conv.qk_nope_head_dim)
                 if fit_steps:
                     x = rms_norm(h[:fit_sequences, :fit_seq_len], ln1.float(), eps)
-
-                    def attend(xs):  # 8 sequences at a time: (B, H, T, D) temporaries for all of them set the peak
-                        return torch.cat([source_attention(c, wf, n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
-                                                           attention_factor=attention_factor) for c in xs.split(8)])  # fmt: skip
-
                     with torch.no_grad():
                         if fit_target == "stream":
                             if h_src is None:
                                 h_src = h[:fit_sequences, :fit_seq_len].clone()
-                            a_src = attend(rms_norm(h_src, ln1.float(), eps))
+                            a_src = source_attention(rms_norm(h_src, ln1.float(), eps), wf, n_heads=H, n_kv_heads=K,
+                                                     head_dim=D, inv_freq=inv_freq, attention_factor=attention_factor)  # fmt: skip
                             # the attention output that puts the converted stream back on the source's
                             y = a_src + (h_src - h[:fit_sequences, :fit_seq_len])
                             h_src = _source_mlp_step(h_src + a_src, state, lcfg, eps)
                             del a_src
                         else:
-                            y = attend(x)
+                            y = source_attention(x, wf, n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
+                                                 attention_factor=attention_factor)  # fmt: skip
                     fit = fit_attention(lcfg, state, x, y, steps=fit_steps, lr=fit_lr, batch=fit_batch,
                                         bf16=fit_bf16)
                 h = run_layer(lcfg, state, h)
@@ -396,14 +393,14 @@ def convert(
     return report
 
 
-def _source_mlp_step(h: torch.Tensor, state: dict, config, eps: float) -> torch.Tensor:
+def _source_mlp_step(h: torch.Tensor, state: dict, config, eps: float, chunk: int = 8) -> torch.Tensor:
     """h + the source layer's MLP(post_attention_layernorm(h)): the MLP half of a source decoder layer, run by the
     converted model's own MLP module (the MLP is carried over unchanged, activation and biases included)."""
     mlp = hf_mla.modeling_hf_mla.MlaMLP(config)
     mlp.load_state_dict({k.removeprefix("mlp."): v.float() for k, v in state.items() if k.startswith("mlp.")})
     norm = state["post_attention_layernorm.weight"].float()
-    # 8 sequences at a time: the MLP's intermediate activations for all of them would set the conversion's memory peak
-    return torch.cat([c + mlp(rms_norm(c, norm, eps)) for c in h.split(8)])
+    # `chunk` sequences at a time: the MLP's intermediate activations for all of them would set the memory peak
+    return torch.cat([c + mlp(rms_norm(c, norm, eps)) for c in h.split(chunk)])
 
 
 def _deepseek_layer(state: dict, h, ln_weight, eps: float, dc: int, latent_eps: float, max_tokens: int = 8192) -> dict:
