@@ -88,12 +88,11 @@ def run_one(spec: dict) -> dict:
     from conversion.sources import embedded_default_source, open_source
 
     factorization, rope_heads, selection = spec["method"].split("/")
-    extra = spec["convert"]
     t0, c0, b0 = time.time(), cpu_seconds(), busy_seconds()
     src = open_source(embedded_default_source())
     report = convert(
         src, spec["out"], kv_budget=spec["budget"], factorization=factorization, rope_heads=rope_heads,
-        rope_selection=selection, calibration=[spec["calibration"]], progress=False, **extra,
+        rope_selection=selection, calibration=[spec["calibration"]], progress=False, **spec["convert"],
     )  # fmt: skip
     wall, cpu = time.time() - t0, cpu_seconds() - c0
     other = (busy_seconds() - b0 - cpu) / wall
@@ -227,7 +226,7 @@ def main():
     del src
     res = {
         "command": "python " + " ".join(sys.argv), "machine": machine(), "source_ppl": source_ppl,
-        "source": str(embedded_default_source()), "fit_steps": "convert() default" if args.fit_steps is None else args.fit_steps,
+        "source": str(embedded_default_source()), "fit_steps": settings.get("fit_steps", "convert() default"),
         "convert": settings,
         "code": {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "conversion", "hf_mla")},
         "eval": {"text": args.eval_text, "windows": ids.shape[0], "seq_len": 512, "tokens": ids.numel()},
@@ -242,8 +241,7 @@ def main():
         out = work / f"{method.replace('/', '_')}_{budget}"
         shutil.rmtree(out, ignore_errors=True)
         spec = {"method": method, "budget": budget, "out": str(out), "calibration": args.calibration,
-                "eval_ids": str(work / "eval_ids.pt"), "fit_steps": args.fit_steps,
-                "convert": settings}  # fmt: skip
+                "eval_ids": str(work / "eval_ids.pt"), "convert": settings}  # fmt: skip
         cmd = [sys.executable, str(code / "benchmarks" / "quality.py"), "--one", json.dumps(spec)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=code)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -45,7 +45,8 @@ def main():
         err = (a - b).pow(2).sum((0, 1))  # (d,)
         top = int(err.argmax())
         g = weights[f"model.layers.{layer}.input_layernorm.weight"]
-        normed = (rms_norm(a, g, eps) - rms_norm(b, g, eps)).pow(2).sum() / rms_norm(a, g, eps).pow(2).sum()
+        na = rms_norm(a, g, eps)  # the source stream as the layer reads it
+        normed = (na - rms_norm(b, g, eps)).pow(2).sum() / na.pow(2).sum()
         print(json.dumps({
             "layer": layer, "raw_rel_error": round(float(err.sum() / a.pow(2).sum()), 4),
             "top_dim": top, "top_dim_share": round(float(err[top] / err.sum()), 3),
