@@ -20,6 +20,7 @@ Mistral-7B-v0.1 is too common a source to refuse.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -164,7 +165,8 @@ class Source:
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._meta: dict[str, tuple[torch.dtype, int]] = {}  # tensor name -> (dtype, nbytes)
         self._handles: dict[Path, object] = {}  # open safe_open handles / mmapped pickle state dicts
-        self._gguf_handle = None  # GGUF: (tensors by HF name, tensor processor, gguf -> HF name map), built once
+        self._gguf_handle = None  # GGUF: (reader, tensors by HF name, processor, gguf -> HF name map), built once
+        self._tokenizer = None  # loaded once: from a GGUF that takes seconds (its vocabulary is parsed field by field)
         self.hub_id: str | None = None  # set when the source was fetched from the Hub
 
     def __repr__(self):
@@ -176,7 +178,7 @@ class Source:
         if self._meta:
             return self._meta
         if self.kind == "gguf":
-            for name, t in self._gguf()[0].items():
+            for name, t in self._gguf()[1].items():
                 self._meta[name] = (torch.float32, int(t.n_elements) * 4)  # dequantization yields float32
         elif self.kind == "pickle":
             for f in tqdm(self._files, desc="Indexing pickled shards", disable=len(self._files) < 2):
@@ -259,17 +261,17 @@ class Source:
         return self._handles[f]
 
     def _gguf(self):
-        """(ReaderTensor by HF name, tensor processor, gguf -> HF name map) of a GGUF source, built once from the
-        file's header. transformers' load_gguf_checkpoint dequantizes every tensor of the file before returning any
-        (the whole model in float32, several times the file); reading tensor by tensor keeps a conversion at one
-        layer. The steps per tensor are its own (dequantize, the architecture's TensorProcessor, which un-permutes
-        Llama's q/k rows, and its name map), so the tensors are the ones from_pretrained(gguf_file=...) loads."""
+        """(GGUFReader, ReaderTensor by HF name, tensor processor, gguf -> HF name map) of a GGUF source, built once
+        from the file's header. transformers' load_gguf_checkpoint dequantizes every tensor of the file before
+        returning any (the whole model in float32, several times the file); reading tensor by tensor keeps a
+        conversion at one layer. The steps per tensor are its own (dequantize, the architecture's TensorProcessor,
+        which un-permutes Llama's q/k rows, and its name map), so the tensors are the ones
+        from_pretrained(gguf_file=...) loads. The reader is kept: parsing a header with a 49k-token vocabulary takes
+        seconds, and the model card's metadata comes from the same one."""
         if self._gguf_handle is None:
             from gguf import GGUFReader
             from transformers import AutoModelForCausalLM
-            from transformers.modeling_gguf_pytorch_utils import (
-                TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field,
-            )  # fmt: skip
+            from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, read_field
 
             f = self.path / self.gguf_file
             try:
@@ -278,19 +280,19 @@ class Source:
                 processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=self.config.to_dict())
                 with torch.device("meta"):  # only for the GGUF -> HF name map; allocates nothing
                     skeleton = AutoModelForCausalLM.from_config(self.config)
-                name_map = get_gguf_hf_weights_map(skeleton, processor)
+                name_map = _gguf_name_map(skeleton, processor, [t.name for t in reader.tensors])
             except Exception as e:
                 raise SourceError(f"could not read the tensors of {f} ({e}); re-download the file.") from e
             # the processors of the supported architectures keep GGUF names (only MoE ones rename)
             tensors = {name_map[t.name]: t for t in reader.tensors if t.name in name_map}
-            self._gguf_handle = (tensors, processor, name_map)
+            self._gguf_handle = (reader, tensors, processor, name_map)
         return self._gguf_handle
 
     def _gguf_get(self, name: str) -> torch.Tensor:
         import numpy as np
         from gguf import dequantize
 
-        tensors, processor, name_map = self._gguf()
+        _, tensors, processor, name_map = self._gguf()
         t = tensors[name]
         try:
             w = dequantize(t.data, t.tensor_type)  # (rows, cols) float32
@@ -322,23 +324,26 @@ class Source:
             logger.warning(f"No tokenizer files in {self.path}; the output folder will have no tokenizer.")
 
     def load_tokenizer(self):
+        """The source's tokenizer, a fresh copy each call (callers may set a pad token), loaded from disk once."""
         from transformers import AutoTokenizer
 
-        try:
-            return AutoTokenizer.from_pretrained(
-                self.path, gguf_file=self.gguf_file, trust_remote_code=self.trust_remote_code
-            )
-        except Exception as e:
-            raise SourceError(
-                f"could not load a tokenizer from {self.path} ({e}); copy the tokenizer files of the original model "
-                "(tokenizer.json, tokenizer_config.json, ...) into that folder."
-            ) from e
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    self.path, gguf_file=self.gguf_file, trust_remote_code=self.trust_remote_code
+                )
+            except Exception as e:
+                raise SourceError(
+                    f"could not load a tokenizer from {self.path} ({e}); copy the tokenizer files of the original "
+                    "model (tokenizer.json, tokenizer_config.json, ...) into that folder."
+                ) from e
+        return copy.deepcopy(self._tokenizer)
 
     def card_metadata(self) -> dict:
         """What a model card can say about where this source came from: its Hub id and license where known."""
         meta = {"base_model": self.hub_id, "license": None}
         if self.kind == "gguf":
-            meta.update(_gguf_card_metadata(self.path / self.gguf_file))
+            meta.update(_gguf_card_metadata(self))
         else:
             meta.update({k: v for k, v in _readme_metadata(self.path).items() if v})
             if meta["base_model"] is None:  # a Hub cache snapshot: .../models--owner--name/snapshots/<sha>
@@ -382,18 +387,36 @@ def _readme_metadata(folder: Path) -> dict:
     return {"license": data.get("license")}
 
 
-def _gguf_card_metadata(path: Path) -> dict:
+def _gguf_card_metadata(src: Source) -> dict:
     """license from GGUF metadata (general.license). GGUF names are not reliably Hub ids, so base_model is only
     known for the embedded default; users name it with --base-model otherwise."""
-    meta = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"} if path.name == EMBEDDED_GGUF else {}
+    meta = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"} if src.gguf_file == EMBEDDED_GGUF else {}
     try:
-        from gguf import GGUFReader
-
-        field = GGUFReader(str(path)).fields.get("general.license")
+        field = src._gguf()[0].fields.get("general.license")
         meta["license"] = field.contents() if field is not None else None
     except Exception:  # unreadable metadata costs the card a line, not the conversion
         pass
     return meta
+
+
+def _gguf_name_map(model, processor, gguf_names: list[str]) -> dict[str, str]:
+    """GGUF -> HF tensor names, as transformers' get_gguf_hf_weights_map makes them. That function walks every
+    submodule and builds gguf's TensorNameMap anew for each (~400 times for SmolLM2-135M: 9 s of a 5-minute
+    conversion on a slow machine), though a CausalLM's own state dict already names every tensor: map the top
+    level once, and walk the submodules only if that leaves a tensor of the file unnamed."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    class TopLevel:  # the model as that function sees it, minus its submodules
+        config, state_dict = model.config, model.state_dict
+
+        @staticmethod
+        def named_children():
+            return []
+
+    name_map = get_gguf_hf_weights_map(TopLevel, processor)
+    if all(n in name_map for n in gguf_names):
+        return name_map
+    return get_gguf_hf_weights_map(model, processor)
 
 
 # ----------------------------------------------------------------------------- opening

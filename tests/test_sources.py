@@ -290,6 +290,18 @@ def test_gguf_get_matches_from_pretrained(gguf_source, gguf_reference):
 
 
 @needs_gguf
+def test_gguf_card_metadata_and_tokenizer_copies(gguf_source):
+    """The card's license is read from the tensors' reader (one header parse for both), and the tokenizer, loaded
+    once, is handed out as independent copies, so one caller's pad token does not reach the next."""
+    assert gguf_source.card_metadata() == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}
+    first = gguf_source.load_tokenizer()
+    first.pad_token = first.bos_token
+    second = gguf_source.load_tokenizer()
+    assert second is not first and second.pad_token != first.pad_token
+    assert second("Call me Ishmael.").input_ids == first("Call me Ishmael.").input_ids
+
+
+@needs_gguf
 def test_gguf_materialize_round_trips(gguf_source, gguf_reference, tmp_path):
     out = materialize(gguf_source, tmp_path / "smollm2")
     written = {p.name for p in out.iterdir()}
