@@ -32,7 +32,7 @@ def main():
     src = open_source(path)
     t_open = time.perf_counter() - t_open
     t_reader = seconds(src._gguf)  # the tensors' reader, name map and index: needed by both ways
-    reader, _, processor, _ = src._gguf()
+    reader, processor = src._gguf().reader, src._gguf().processor
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(src.config)
     names = [t.name for t in reader.tensors]

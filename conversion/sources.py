@@ -29,6 +29,7 @@ import shutil
 import struct
 import tempfile
 from collections import Counter
+from typing import Any, NamedTuple
 from pathlib import Path
 
 import torch
@@ -152,6 +153,15 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- the source
 
 
+class GgufHandle(NamedTuple):
+    """What a GGUF source reads from the file's header, once."""
+
+    reader: Any  # gguf.GGUFReader, memory-mapped: tensor bytes are read when dequantized
+    tensors: dict[str, Any]  # HF name -> gguf ReaderTensor
+    processor: Any  # the architecture's transformers TensorProcessor
+    name_map: dict[str, str]  # gguf name -> HF name
+
+
 class Source:
     """One source checkpoint: its config, its tensors by Hugging Face name, its tokenizer.
 
@@ -165,7 +175,7 @@ class Source:
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._meta: dict[str, tuple[torch.dtype, int]] = {}  # tensor name -> (dtype, nbytes)
         self._handles: dict[Path, object] = {}  # open safe_open handles / mmapped pickle state dicts
-        self._gguf_handle = None  # GGUF: (reader, tensors by HF name, processor, gguf -> HF name map), built once
+        self._gguf_handle: GgufHandle | None = None  # GGUF: built once from the file's header
         self._tokenizer = None  # loaded once: from a GGUF that takes seconds (its vocabulary is parsed field by field)
         self.hub_id: str | None = None  # set when the source was fetched from the Hub
 
@@ -178,7 +188,7 @@ class Source:
         if self._meta:
             return self._meta
         if self.kind == "gguf":
-            for name, t in self._gguf()[1].items():
+            for name, t in self._gguf().tensors.items():
                 self._meta[name] = (torch.float32, int(t.n_elements) * 4)  # dequantization yields float32
         elif self.kind == "pickle":
             for f in tqdm(self._files, desc="Indexing pickled shards", disable=len(self._files) < 2):
@@ -261,13 +271,13 @@ class Source:
         return self._handles[f]
 
     def _gguf(self):
-        """(GGUFReader, ReaderTensor by HF name, tensor processor, gguf -> HF name map) of a GGUF source, built once
-        from the file's header. transformers' load_gguf_checkpoint dequantizes every tensor of the file before
-        returning any (the whole model in float32, several times the file); reading tensor by tensor keeps a
-        conversion at one layer. The steps per tensor are its own (dequantize, the architecture's TensorProcessor,
-        which un-permutes Llama's q/k rows, and its name map), so the tensors are the ones
-        from_pretrained(gguf_file=...) loads. The reader is kept: parsing a header with a 49k-token vocabulary takes
-        seconds, and the model card's metadata comes from the same one."""
+        """The reader, tensors, processor and name map of a GGUF source (`GgufHandle`), built once from the file's
+        header. transformers' load_gguf_checkpoint dequantizes every tensor of the file before returning any (the
+        whole model in float32, several times the file); reading tensor by tensor keeps a conversion at one layer.
+        The steps per tensor are its own (dequantize, the architecture's TensorProcessor, which un-permutes Llama's
+        q/k rows, and its name map), so the tensors are the ones from_pretrained(gguf_file=...) loads. The reader is
+        kept: parsing a header with a 49k-token vocabulary takes seconds, and the model card's metadata comes from
+        the same one."""
         if self._gguf_handle is None:
             from gguf import GGUFReader
             from transformers import AutoModelForCausalLM
@@ -275,7 +285,7 @@ class Source:
 
             f = self.path / self.gguf_file
             try:
-                reader = GGUFReader(str(f))  # memory-mapped: tensor bytes are read when dequantized
+                reader = GGUFReader(str(f))
                 arch = read_field(reader, "general.architecture")[0]
                 processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=self.config.to_dict())
                 with torch.device("meta"):  # only for the GGUF -> HF name map; allocates nothing
@@ -285,7 +295,7 @@ class Source:
                 raise SourceError(f"could not read the tensors of {f} ({e}); re-download the file.") from e
             # the processors of the supported architectures keep GGUF names (only MoE ones rename)
             tensors = {name_map[t.name]: t for t in reader.tensors if t.name in name_map}
-            self._gguf_handle = (reader, tensors, processor, name_map)
+            self._gguf_handle = GgufHandle(reader, tensors, processor, name_map)
         return self._gguf_handle
 
     def _gguf_get(self, name: str) -> torch.Tensor:
@@ -392,7 +402,7 @@ def _gguf_card_metadata(src: Source) -> dict:
     known for the embedded default; users name it with --base-model otherwise."""
     meta = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"} if src.gguf_file == EMBEDDED_GGUF else {}
     try:
-        field = src._gguf()[0].fields.get("general.license")
+        field = src._gguf().reader.fields.get("general.license")
         meta["license"] = field.contents() if field is not None else None
     except Exception:  # unreadable metadata costs the card a line, not the conversion
         pass
