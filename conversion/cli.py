@@ -104,6 +104,7 @@ def _add_heal(sub):
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch and process")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the gradient norm (0: off)")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
     p.add_argument("--lora-alpha", type=float, help="default: 2 x rank")
     p.add_argument("--mlp", action="store_true", help="LoRA on the MLP projections too")
@@ -211,7 +212,8 @@ def cmd_heal(args) -> int:
         text_field=args.text_field, resume=args.resume, adapter_only=args.adapter_only, overwrite=args.overwrite,
         keep_checkpoints=args.keep_checkpoints, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
         tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, mlp=args.mlp, full_latent=not args.lora_latent,
+        max_grad_norm=args.max_grad_norm, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, mlp=args.mlp,
+        full_latent=not args.lora_latent,
         loss=args.loss, hidden_weight=args.hidden_weight, eval_every=args.eval_every, eval_sequences=args.eval_sequences,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
