@@ -97,8 +97,10 @@ def layer_config(base: dict, pairs: list[list[int]], qk_nope_head_dim: int) -> "
 
 
 @torch.no_grad()
-def run_layer(config, state: dict[str, torch.Tensor], h: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """Hidden states after one converted decoder layer (float32), over the calibration sequences in chunks."""
+def run_layer(config, state: dict[str, torch.Tensor], h: torch.Tensor, chunk: int = 8,
+              out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Hidden states after one converted decoder layer (float32), over the calibration sequences in chunks. `out=h`
+    writes them over h (each chunk is read before it is overwritten), so no second copy of h is held."""
     layer = MlaDecoderLayer(config, layer_idx=0)
     missing, unexpected = layer.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = [m for m in missing if not m.endswith("rope_index")]
@@ -108,7 +110,7 @@ def run_layer(config, state: dict[str, torch.Tensor], h: torch.Tensor, chunk: in
     rotary = MlaRotaryEmbedding(config)
     T = h.shape[1]
     position_ids = torch.arange(T).unsqueeze(0)
-    out = torch.empty_like(h)
+    out = torch.empty_like(h) if out is None else out
     for i in range(0, h.shape[0], chunk):
         hc = h[i : i + chunk]
         pe = rotary(hc, position_ids.expand(hc.shape[0], T))
@@ -133,16 +135,17 @@ def source_attention(x: torch.Tensor, w: dict[str, torch.Tensor], *, n_heads, n_
     """The source (Llama-layout) attention layer's output on its input x (B, T, d), after o_proj; `chunk` sequences
     at a time, as `run_layer`, so that the (B, H, T, D) temporaries of all of them never set the memory peak."""
     H, K, D = n_heads, n_kv_heads, head_dim
-    outs = []
-    for xc in x.split(chunk):  # (b, T, d)
+    result = x.new_empty(*x.shape[:-1], w["o_proj.weight"].shape[0])  # filled chunk by chunk: no list + cat copy
+    for i in range(0, x.shape[0], chunk):
+        xc = x[i : i + chunk]  # (b, T, d)
         b, T, _ = xc.shape
         q, k = _rotated_qk(xc, w, n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
                            attention_factor=attention_factor)  # fmt: skip
         v = F.linear(xc, w["v_proj.weight"], w.get("v_proj.bias")).view(b, T, K, D).transpose(1, 2)  # (b, K, T, D)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D**-0.5, enable_gqa=H != K)  # (b, H, T, D)
         out = out.transpose(1, 2).reshape(b, T, H * D)  # (b, T, H * D)
-        outs.append(F.linear(out, w["o_proj.weight"], w.get("o_proj.bias")))
-    return torch.cat(outs)
+        result[i : i + chunk] = F.linear(out, w["o_proj.weight"], w.get("o_proj.bias"))
+    return result
 
 
 def fit_attention(config, state: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor, *, steps: int,

@@ -328,23 +328,26 @@ def convert(
             if needs_stats:
                 lcfg = layer_config(base_kwargs, conv.pairs, conv.qk_nope_head_dim)
                 if fit_steps:
-                    x = rms_norm(h[:fit_sequences, :fit_seq_len], ln1.float(), eps)
+                    # Full copies of the fit's rows (fit_sequences x fit_seq_len x hidden, float32) set the peak
+                    # memory of a long fit, so temporaries are made in place and freed as soon as they are used.
+                    h_fit = h[:fit_sequences, :fit_seq_len]
+                    x = rms_norm(h_fit, ln1.float(), eps)
                     with torch.no_grad():
+                        source = dict(n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
+                                      attention_factor=attention_factor)  # fmt: skip
                         if fit_target == "stream":
                             if h_src is None:
-                                h_src = h[:fit_sequences, :fit_seq_len].clone()
-                            a_src = source_attention(rms_norm(h_src, ln1.float(), eps), wf, n_heads=H, n_kv_heads=K,
-                                                     head_dim=D, inv_freq=inv_freq, attention_factor=attention_factor)  # fmt: skip
+                                h_src = h_fit.clone()
+                            a_src = source_attention(rms_norm(h_src, ln1.float(), eps), wf, **source)
                             # the attention output that puts the converted stream back on the source's
-                            y = a_src + (h_src - h[:fit_sequences, :fit_seq_len])
-                            h_src = _source_mlp_step(h_src + a_src, state, lcfg, eps)
+                            y = torch.sub(h_src, h_fit).add_(a_src)
+                            h_src = _source_mlp_step(h_src.add_(a_src), state, lcfg, eps)
                             del a_src
                         else:
-                            y = source_attention(x, wf, n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
-                                                 attention_factor=attention_factor)  # fmt: skip
-                    fit = fit_attention(lcfg, state, x, y, steps=fit_steps, lr=fit_lr, batch=fit_batch,
-                                        bf16=fit_bf16)
-                h = run_layer(lcfg, state, h)
+                            y = source_attention(x, wf, **source)
+                    fit = fit_attention(lcfg, state, x, y, steps=fit_steps, lr=fit_lr, batch=fit_batch, bf16=fit_bf16)
+                    del h_fit, x, y
+                h = run_layer(lcfg, state, h, out=h)
             for k, v in state.items():
                 writer.add(prefix + k, v.to(out_dtype))
             layers_report.append({
@@ -394,13 +397,17 @@ def convert(
 
 
 def _source_mlp_step(h: torch.Tensor, state: dict, config, eps: float, chunk: int = 8) -> torch.Tensor:
-    """h + the source layer's MLP(post_attention_layernorm(h)): the MLP half of a source decoder layer, run by the
-    converted model's own MLP module (the MLP is carried over unchanged, activation and biases included)."""
+    """h + the source layer's MLP(post_attention_layernorm(h)), written into h: the MLP half of a source decoder
+    layer, run by the converted model's own MLP module (the MLP is carried over unchanged, activation and biases
+    included)."""
     mlp = hf_mla.modeling_hf_mla.MlaMLP(config)
     mlp.load_state_dict({k.removeprefix("mlp."): v.float() for k, v in state.items() if k.startswith("mlp.")})
     norm = state["post_attention_layernorm.weight"].float()
-    # `chunk` sequences at a time: the MLP's intermediate activations for all of them would set the memory peak
-    return torch.cat([c + mlp(rms_norm(c, norm, eps)) for c in h.split(chunk)])
+    # `chunk` sequences at a time, in place: the MLP's intermediate activations for all of them, or a second copy of
+    # h, would set the memory peak
+    for c in h.split(chunk):
+        c += mlp(rms_norm(c, norm, eps))
+    return h
 
 
 def _deepseek_layer(state: dict, h, ln_weight, eps: float, dc: int, latent_eps: float, max_tokens: int = 8192) -> dict:
