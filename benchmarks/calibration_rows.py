@@ -8,6 +8,10 @@ tokens (as benchmarks/ablation.py) and on held-out Austen: the last 60,000 chara
     python benchmarks/calibration_rows.py chars4        # spread_tokens over the same 4 novels
     python benchmarks/calibration_rows.py mix           # 16 linspace rows + 16 rows sampled from the source model
     python benchmarks/calibration_rows.py default       # convert()'s default: rows spread over all five novels
+    python benchmarks/calibration_rows.py britannica    # a diagnostic, not a result: rows spread over the Britannica
+                                                        # article past its first 60,000 characters (disjoint from
+                                                        # the evaluation windows, which end well before; checked), to
+                                                        # measure how much of the Britannica loss is the domain
     python benchmarks/calibration_rows.py default 0.25 '{"calibration_tokens": 16384, "fit_sequences": 64}'
 
 Prints one JSON line: the ratios, the source perplexities and the conversion's wall time.
@@ -57,6 +61,11 @@ def main():
         calibration = files
     elif way == "default":
         calibration = files
+    elif way == "britannica":
+        text = (DATA / "britannica-1911-shakespeare.txt").read_text()
+        assert len(tok(text[:60000])["input_ids"]) > brit.numel(), "the evaluation windows reach past character 60000"
+        tail = text[60000:]
+        calibration = TokenizedText(spread_tokens(tok, [tail], seq_len=256, rows=32), ["britannica[60000:]"])
     elif way == "linspace":
         calibration = TokenizedText(linspace(32), ["linspace"])
     elif way == "chars4":
