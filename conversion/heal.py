@@ -168,6 +168,7 @@ def heal(
     hidden_weight, ...). `_stop_after`: tests only, stop (as if killed) after that many optimizer steps.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from .data import load_texts, pack_tokens, sample_texts_from_model
@@ -192,6 +193,10 @@ def heal(
         raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run; pass --resume to continue it, "
                               "or delete that folder to start over.")  # fmt: skip
 
+    # accelerate keeps its state per process and refuses another precision once one run set it (a notebook or test
+    # session that heals twice, "auto" then "no"); start each run from a fresh state, as transformers' Trainer does.
+    # The process group, if any, is kept.
+    AcceleratorState._reset_state()
     # cpu=True where there is no accelerator, so that processes started by torchrun / `accelerate launch --multi_gpu`
     # on a CPU-only machine join one gloo process group instead of each training alone.
     accelerator = Accelerator(mixed_precision=_mixed_precision(s.mixed_precision), gradient_accumulation_steps=s.grad_accum,

@@ -118,6 +118,14 @@ def test_gradient_clipping_is_applied_and_logged(pair, tmp_path):
     assert (runs[1e-12] - start).abs().max().item() < 1e-5 * scale
 
 
+def test_two_runs_in_one_process_may_use_different_precisions(pair, tmp_path):
+    # accelerate's per-process state used to make the second run fail ("AcceleratorState has already been initialized")
+    for precision in ("bf16", "no"):
+        heal(pair / "mla", tmp_path / precision, teacher=pair / "src", data=[pair / "train.txt"], progress=False,
+             **{**TINY, "tokens": 128, "eval_every": 100, "mixed_precision": precision})  # fmt: skip
+        assert (tmp_path / precision / "healing_report.json").is_file()
+
+
 def test_bad_input_is_a_clear_error(pair, tmp_path):
     from transformers import AutoTokenizer
 
