@@ -31,6 +31,14 @@ def ppl(model, ids):
     return math.exp(nll / len(range(0, len(ids), 4)))
 
 
+def britannica_tail(tokenizer, eval_ids: torch.Tensor) -> str:
+    """The Britannica article past its first 60,000 characters, for diagnostics only (calibrating or healing on the
+    evaluation text's own kind); checked to be disjoint from every evaluation window in `eval_ids`."""
+    text = (DATA / "britannica-1911-shakespeare.txt").read_text()
+    assert len(tokenizer(text[:60000])["input_ids"]) > eval_ids.numel(), "the evaluation windows reach past char 60000"
+    return text[60000:]
+
+
 def eval_ids(tokenizer) -> torch.Tensor:
     """The evaluation tokens of the converter ablations: the first 8 x 512 Britannica tokens."""
     return pack_tokens(tokenizer, load_texts(DATA / "britannica-1911-shakespeare.txt"), seq_len=512, max_tokens=512 * 8)

@@ -22,7 +22,7 @@ import sys
 import time
 
 import torch
-from ablation import DATA, eval_ids, ppl  # the Britannica windows and perplexity of the converter ablations
+from ablation import DATA, britannica_tail, eval_ids, ppl  # the Britannica windows and perplexity of the ablations
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
@@ -62,9 +62,7 @@ def main():
     elif way == "default":
         calibration = files
     elif way == "britannica":
-        text = (DATA / "britannica-1911-shakespeare.txt").read_text()
-        assert len(tok(text[:60000])["input_ids"]) > brit.numel(), "the evaluation windows reach past character 60000"
-        tail = text[60000:]
+        tail = britannica_tail(tok, brit)
         calibration = TokenizedText(spread_tokens(tok, [tail], seq_len=256, rows=32), ["britannica[60000:]"])
     elif way == "linspace":
         calibration = TokenizedText(linspace(32), ["linspace"])

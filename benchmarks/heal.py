@@ -36,6 +36,8 @@ from conversion import convert, embedded_default_source, open_source, perplexity
 from conversion.data import load_texts, pack_tokens  # noqa: E402
 from conversion.heal import heal  # noqa: E402
 
+from ablation import britannica_tail  # noqa: E402  (benchmarks/ is on the path: this script's folder)
+
 DATA = REPO.parent / "shared" / "data"
 
 
@@ -88,9 +90,7 @@ def main():
     ids = britannica_ids(tokenizer)
     heal_data = austen
     if args.heal_on == "britannica-tail":
-        text = (DATA / "britannica-1911-shakespeare.txt").read_text()
-        assert len(tokenizer(text[:60000])["input_ids"]) > ids.numel(), "the evaluation windows reach past char 60000"
-        (work / "britannica-tail.txt").write_text(text[60000:])
+        (work / "britannica-tail.txt").write_text(britannica_tail(tokenizer, ids))
         heal_data = [str(work / "britannica-tail.txt")]
 
     def ppl(path_or_model):

@@ -29,8 +29,8 @@ import shutil
 import struct
 import tempfile
 from collections import Counter
-from typing import Any, NamedTuple
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
