@@ -7,6 +7,7 @@ key (see `rope.shared_key_mixing`); each head's remainder joins its NoPE part, s
 lost. The NoPE keys and the values of all groups are then factorized jointly into one latent.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,8 @@ class AttentionPlan:
     selection: str  # "high" | "uniform" | "2norm" | "rotation"
     factorization: str  # "weight" | "activation"
     context: int = 2048  # distances over which a pair's rotation is judged ("rotation" selection)
-    key_weight: float = 1.0  # weight of the key error against the value error in the shared latent
+    # weight of the key error against the value error in the shared latent; a tuple: candidates, one chosen per layer
+    key_weight: float | tuple[float, ...] = 1.0
 
 
 @dataclass
@@ -45,10 +47,13 @@ def rope_layout(plan: AttentionPlan, *, n_heads: int, n_kv_heads: int, head_dim:
 
 def convert_attention(
     wq, wk, wv, wo, sigma, inv_freq, plan: AttentionPlan, *, n_heads, n_kv_heads, head_dim,
-    bq=None, bk=None, bv=None, bo=None,
+    bq=None, bk=None, bv=None, bo=None, error: Callable[["ConvertedAttention"], float] | None = None,
 ) -> ConvertedAttention:  # fmt: skip
     """`sigma` is E[x~ x~^T] of the layer's attention input x = input_layernorm(h), augmented with a constant 1
-    (x~ = [x; 1], so that query/key biases weigh in where they matter); None for weight-only mode."""
+    (x~ = [x; 1], so that query/key biases weigh in where they matter); None for weight-only mode.
+
+    With several key weights in `plan` (activation mode), the layer is factorized once per weight and `error` (the
+    converted layer's error on calibration inputs) picks one; `info["key_weight"]` says which."""
     H, K, D = n_heads, n_kv_heads, head_dim
     G, half, n = H // K, D // 2, plan.rope_dim // 2
     d = wq.shape[1]
@@ -110,6 +115,7 @@ def convert_attention(
                 if bq is not None:
                     q_bias.append(torch.cat([bq.view(H, D)[h, rest_rows], bq.view(H, D)[h, kept_rows]]))
     R, dn = rope_layout(plan, n_heads=H, n_kv_heads=K, head_dim=D)
+    assert R == len(pairs)
     q_proj = torch.cat(q_rows)  # (H * (dn + dr), d)
     # the float64 copies are a layer several times over; a 7B layer's peak is set here, so free each one when done
     del q_rows, wq_aug, wk_aug, wq, wq_h, wk, wk_g
@@ -119,19 +125,42 @@ def convert_attention(
     w_knope = torch.cat(nope_rows)  # (K * dn, d)
     del nope_rows
     target = torch.cat([w_knope, wv])  # (K * (dn + D), d)
-    metric = None
+    if plan.factorization not in ("weight", "activation"):
+        raise ValueError(f"unknown factorization {plan.factorization!r}; choose 'weight' or 'activation'")
+    key_weights = plan.key_weight if isinstance(plan.key_weight, tuple) else (plan.key_weight,)
+    if plan.factorization == "weight" or len(key_weights) == 1:
+        key_weights = key_weights[:1]  # weight mode has no metric: the key weight changes nothing
+    elif error is None:
+        raise ValueError(f"{len(key_weights)} key weights to choose from, but no error to choose by")
+    metric_k = metric_v = None
     if plan.factorization == "activation":
         q_proj_aug = with_bias(q_proj, torch.cat(q_bias) if bq is not None else None)
-        metric = joint_metric(q_proj_aug, stats_aug, w_knope, wv, wo, stats, H=H, K=K, D=D, dn=dn, dr=plan.rope_dim,
-                              key_weight=plan.key_weight)  # fmt: skip
-    elif plan.factorization != "weight":
-        raise ValueError(f"unknown factorization {plan.factorization!r}; choose 'weight' or 'activation'")
+        metric_k, metric_v = joint_metric(q_proj_aug, stats_aug, w_knope, wv, wo, stats, H=H, K=K, D=D, dn=dn,
+                                          dr=plan.rope_dim)  # fmt: skip
     del w_knope, wv
     release_freed_memory()  # the per-head rows above were heap-sized pieces; hand them back before the peak
-    up, down, retained = factorize(
-        target, plan.kv_lora_rank, sigma=stats if plan.factorization == "activation" else None, metric=metric
-    )
-    del target
+    best = None
+    for i, key_weight in enumerate(key_weights):
+        metric = None if metric_k is None else torch.block_diag(metric_k * key_weight, metric_v)
+        up, down, retained = factorize(
+            target, plan.kv_lora_rank, sigma=stats if plan.factorization == "activation" else None, metric=metric
+        )
+        if i == len(key_weights) - 1:
+            del target
+        conv = _assemble(up, down, retained, q_proj, q_bias, rope_rows, rope_bias, wo, bv, bo, pairs, dn,
+                         H=H, K=K, D=D)  # fmt: skip
+        if len(key_weights) == 1:
+            return conv
+        conv.info["key_weight"] = key_weight
+        conv.info["error"] = error(conv)
+        if best is None or conv.info["error"] < best.info["error"]:
+            best = conv
+    return best
+
+
+def _assemble(up, down, retained, q_proj, q_bias, rope_rows, rope_bias, wo, bv, bo, pairs, dn, *, H, K, D):
+    """The MLA tensors of one factorization of the latent."""
+    G = H // K
     r = up.shape[1]
     up_k, up_v = up[: K * dn].view(K, dn, r), up[K * dn :].view(K, D, r)
     kv_b = torch.cat([torch.cat([up_k[h // G], up_v[h // G]]) for h in range(H)])  # (H * (dn + D), r)
@@ -148,14 +177,12 @@ def convert_attention(
         "kv_b_proj.weight": kv_b,
         "o_proj.weight": wo,
     }
-    if bq is not None:
+    if q_bias:
         tensors["q_proj.bias"] = torch.cat(q_bias)
-    if bk is not None:
-        tensors["kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(plan.kv_lora_rank, dtype=torch.float64),
-                                                        torch.cat(rope_bias)])  # fmt: skip
+    if rope_bias:
+        tensors["kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(r, dtype=torch.float64), torch.cat(rope_bias)])
     if o_bias is not None:
         tensors["o_proj.bias"] = o_bias
-    assert R == len(pairs)
     return ConvertedAttention(tensors, pairs, dn, retained)
 
 
@@ -164,11 +191,11 @@ def with_bias(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([w, (b if b is not None else w.new_zeros(w.shape[0]))[:, None]], dim=1)
 
 
-def joint_metric(q_proj_aug, sigma_aug, w_knope, wv, wo, sigma, *, H, K, D, dn, dr, key_weight):
-    """Block-diagonal error metric of the stacked [NoPE keys; values]: a key error e costs E_q (q . e)^2 = e^T S_q e
-    summed over the group's query heads; a value error e reaches the output as (sum of the group's o_proj blocks) e
-    when the group's heads attend alike, which beats weighting each head's block apart (benchmarks/quality.py).
-    Each block is normalised by the energy it weighs, so that neither keys nor values dominate the shared latent."""
+def joint_metric(q_proj_aug, sigma_aug, w_knope, wv, wo, sigma, *, H, K, D, dn, dr):
+    """Block-diagonal error metrics (keys, values) of the stacked [NoPE keys; values]: a key error e costs
+    E_q (q . e)^2 = e^T S_q e summed over the group's query heads; a value error e reaches the output as (sum of the
+    group's o_proj blocks) e when the group's heads attend alike, which beats weighting each head's block apart
+    (benchmarks/quality.py). Each is normalised by the energy it weighs; the key weight then sets the balance."""
     G = H // K
     blocks_k, blocks_v = [], []
     q_nope = q_proj_aug.view(H, dn + dr, -1)[:, :dn]  # (H, dn, d + 1): the query bias is part of the query
@@ -181,4 +208,4 @@ def joint_metric(q_proj_aug, sigma_aug, w_knope, wv, wo, sigma, *, H, K, D, dn, 
     metric_v = torch.block_diag(*blocks_v)
     energy_k = (metric_k * (w_knope @ sigma @ w_knope.T)).sum() if dn else torch.tensor(1.0)
     energy_v = (metric_v * (wv @ sigma @ wv.T)).sum()
-    return torch.block_diag(metric_k * (key_weight / energy_k.clamp_min(1e-30)), metric_v / energy_v.clamp_min(1e-30))
+    return metric_k / energy_k.clamp_min(1e-30), metric_v / energy_v.clamp_min(1e-30)

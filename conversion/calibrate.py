@@ -148,6 +148,17 @@ def source_attention(x: torch.Tensor, w: dict[str, torch.Tensor], *, n_heads, n_
     return result
 
 
+@torch.no_grad()
+def attention_error(config, tensors: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor) -> float:
+    """Relative squared error of a converted attention layer (its self_attn tensors) against `target` on inputs x
+    (B, T, d): what the fit minimises, before any fit, to compare candidate factorizations."""
+    attn = MlaAttention(config, layer_idx=0)
+    attn.load_state_dict({k: v.float() for k, v in tensors.items()})
+    position_ids = torch.arange(x.shape[1]).unsqueeze(0).expand(x.shape[0], -1)  # (B, T)
+    out, _ = attn(x, position_embeddings=MlaRotaryEmbedding(config)(x, position_ids), attention_mask=None)
+    return ((out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)).item()
+
+
 def fit_attention(config, state: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor, *, steps: int,
                   lr: float = 1e-3, batch: int = 2, bf16: bool = False) -> tuple[float, float]:  # fmt: skip
     """A short fit of the converted attention to the source attention's outputs on this layer's calibration inputs.

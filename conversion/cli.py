@@ -42,6 +42,9 @@ def _add_convert(sub):
                    help="blend the calibration statistics toward their diagonal by this share, so the conversion "
                    "keeps what the calibration text does not use but other text does; 0: the text's statistics as "
                    "they are")  # fmt: skip
+    p.add_argument("--key-weight", type=_auto_or_float, default="auto", metavar="W",
+                   help="weight of the NoPE keys against the values in the shared latent (1: alike); auto: chosen "
+                   "per layer by the converted attention's error on calibration rows")  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only once the new one is done)")
@@ -155,6 +158,15 @@ def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x]
 
 
+def _auto_or_float(s: str):
+    if s == "auto":
+        return s
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is neither 'auto' nor a number") from None
+
+
 def _source(arg):
     from .sources import embedded_default_source
 
@@ -171,7 +183,7 @@ def cmd_convert(args) -> int:
         calibration_seq_len=args.calibration_seq_len, fit_steps=args.fit_steps, fit_seq_len=args.fit_seq_len,
         fit_target=args.fit_target, fit_sequences=args.fit_sequences,
         fit_precision=args.fit_precision, attention_weighting=args.attention_weighting,
-        covariance_shrinkage=args.covariance_shrinkage, dtype=args.dtype,
+        covariance_shrinkage=args.covariance_shrinkage, key_weight=args.key_weight, dtype=args.dtype,
         overwrite=args.overwrite, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
         max_shard_size=args.max_shard_size, base_model=args.base_model, target=args.target,
     )  # fmt: skip

@@ -19,8 +19,8 @@ import hf_mla
 from .attention import AttentionPlan, convert_attention, rope_layout
 from .card import write_model_card
 from .calibrate import (
-    attention_received, fit_attention, input_covariance, layer_config, native_bf16, rms_norm, run_layer,
-    source_attention,
+    attention_error, attention_received, fit_attention, input_covariance, layer_config, native_bf16, rms_norm,
+    run_layer, source_attention,
 )
 from .data import TokenizedText
 from .memory import peak_rss_mb, release_freed_memory
@@ -42,6 +42,12 @@ FIT_SEQUENCES = 32
 # Calibration statistics blended halfway toward their diagonal: on text unlike the calibration text the conversion
 # loses 7% less perplexity, on text like it 3% more (benchmarks/calibration_rows.py, session 7 in BENCHMARKS.md).
 COVARIANCE_SHRINKAGE = 0.5
+# The balance of key and value errors in the shared latent, chosen per layer among these by the converted attention's
+# error on calibration rows: at 1/4, Britannica 2.57x -> 2.33x the source perplexity (any single weight: 2.43x at
+# best, 8), held-out Austen 1.36x -> 1.30x; neutral at 1/2, where a fixed high weight hurts (session 12 in
+# BENCHMARKS.md). KEY_WEIGHT_ROWS calibration rows judge them.
+KEY_WEIGHTS = (1.0, 4.0, 16.0)
+KEY_WEIGHT_ROWS = 4
 TARGETS = ("hf_mla", "deepseek")
 FIT_PRECISIONS = ("auto", "bf16", "fp32")
 DEEPSEEK_SELECTIONS = ("high", "uniform")
@@ -57,7 +63,7 @@ def source_dims(config) -> tuple[int, int, int]:
 
 def plan_attention(
     config, *, kv_budget=None, kv_lora_rank=None, rope_dim=None, rope_heads="shared", rope_selection="auto",
-    factorization="activation", rope_context=2048, key_weight=1.0,
+    factorization="activation", rope_context=2048, key_weight="auto",
 ) -> tuple[AttentionPlan, dict]:  # fmt: skip
     """Resolve the user's budget into latent width and RoPE width, or say clearly why it cannot be done.
 
@@ -74,6 +80,13 @@ def plan_attention(
         raise ValueError(f"rope_selection is {rope_selection!r}; choose 'auto' or one of {STRATEGIES}.")
     if factorization not in ("weight", "activation"):
         raise ValueError(f"factorization is {factorization!r}; choose 'weight' or 'activation'.")
+    if key_weight == "auto":
+        key_weight = KEY_WEIGHTS
+    elif isinstance(key_weight, str) or not key_weight > 0:
+        raise ValueError(f"key_weight is {key_weight!r}; give 'auto' or a positive number (1 weighs keys and values "
+                         "alike).")  # fmt: skip
+    else:
+        key_weight = float(key_weight)
     R = 1 if rope_heads == "shared" else K
     if kv_budget is not None and kv_lora_rank is not None and rope_dim is not None:
         raise ValueError("give either --kv-budget or --kv-lora-rank with --rope-dim, not all three.")
@@ -198,7 +211,7 @@ def convert(
     calibration_tokens: int = CALIBRATION_TOKENS,
     calibration_seq_len: int = CALIBRATION_SEQ_LEN,
     rope_context: int = 2048,
-    key_weight: float = 1.0,
+    key_weight: float | str = "auto",
     attention_weighting: float = 1.0,
     covariance_shrinkage: float = COVARIANCE_SHRINKAGE,
     fit_steps: int = FIT_STEPS,
@@ -236,7 +249,10 @@ def convert(
     not use but other text does (`calibrate.input_covariance`; 0: the calibration text's statistics as they are).
     `fit_precision`: "auto" runs the fit's training steps under bf16 autocast where bf16 is native (same result on
     SmolLM2-135M, 15% less time), "fp32" never.
-    `fit_batch`: calibration sequences per fit step (one: more, smaller steps fit better at equal cost)."""
+    `fit_batch`: calibration sequences per fit step (one: more, smaller steps fit better at equal cost).
+    `key_weight`: how much the shared latent favours the NoPE keys over the values (1: alike). "auto" factorizes
+    each layer with each of KEY_WEIGHTS and keeps the one whose converted attention is closest to the fit's target
+    on KEY_WEIGHT_ROWS calibration rows: the best balance differs by layer and by budget."""
     t0 = time.time()
     if fit_target not in ("local", "stream"):
         raise ValueError(f"fit_target is {fit_target!r}; choose 'local' or 'stream'.")
@@ -311,12 +327,19 @@ def convert(
                                                   inv_freq=inv_freq, attention_factor=attention_factor)  # fmt: skip
                     weight = (1 - attention_weighting) + attention_weighting * received
                 sigma = input_covariance(h, ln1.float(), eps, token_weight=weight, shrinkage=covariance_shrinkage)
+            error = None
+            if needs_stats and isinstance(plan.key_weight, tuple):
+                error = _candidate_error(h, h_src if fit_steps and fit_target == "stream" else None, ln1.float(), eps,
+                                         wf, base_kwargs, rows=KEY_WEIGHT_ROWS, seq_len=fit_seq_len, source=dict(
+                                             n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
+                                             attention_factor=attention_factor))  # fmt: skip
             conv = convert_attention(
                 get["q_proj.weight"], get["k_proj.weight"], get["v_proj.weight"], get["o_proj.weight"],
                 sigma, inv_freq, plan,
                 n_heads=H, n_kv_heads=K, head_dim=D, bq=get.get("q_proj.bias"), bk=get.get("k_proj.bias"),
-                bv=get.get("v_proj.bias"), bo=get.get("o_proj.bias"),
+                bv=get.get("v_proj.bias"), bo=get.get("o_proj.bias"), error=error,
             )  # fmt: skip
+            del error
             state = {f"self_attn.{k}": v for k, v in conv.tensors.items()}
             for n in sorted(names):
                 if n.startswith(prefix) and ".self_attn." not in n:
@@ -352,6 +375,7 @@ def convert(
                 writer.add(prefix + k, v.to(out_dtype))
             layers_report.append({
                 "layer": i, "rope_pairs": conv.pairs, "retained_energy": round(conv.retained, 6),
+                **({"key_weight": conv.info["key_weight"]} if "key_weight" in conv.info else {}),
                 "seconds": round(time.time() - t_layer, 3),
                 **({"fit_error_before": round(fit[0], 6), "fit_error_after": round(fit[1], 6)} if fit else {}),
                 **({"removed_biases": removed} if target == "deepseek" and removed else {}),
@@ -394,6 +418,27 @@ def convert(
         write_model_card(tmp, repo_id=None)
     logger.info(f"Wrote {output_dir} in {report['timings']['total_s']} s")
     return report
+
+
+def _candidate_error(h, h_src, ln_weight, eps, wf, base_kwargs, *, rows, seq_len, source):
+    """The error by which `convert_attention` chooses among factorizations: the converted attention on the first
+    calibration rows against the fit's target there (the source attention on the source stream plus the drift, when
+    `h_src` is the source stream; else on the converted stream's own inputs)."""
+    h_rows = h[:rows, :seq_len]
+    x = rms_norm(h_rows, ln_weight, eps)  # (rows, T, d)
+    with torch.no_grad():
+        if h_src is None:
+            y = source_attention(x, wf, **source)
+        else:
+            y = source_attention(rms_norm(h_src[:rows], ln_weight, eps), wf, **source).add_(h_src[:rows]).sub_(h_rows)
+
+    def error(conv) -> float:  # as converted: --target deepseek adds its latent norm and drops biases after the choice
+        modules = {"q_proj": "q_proj", "kv_a_proj": "kv_a_proj_with_mqa", "kv_b_proj": "kv_b_proj", "o_proj": "o_proj"}
+        biases = {f"{flag}_bias": f"{m}.bias" in conv.tensors for flag, m in modules.items()}
+        config = layer_config({**base_kwargs, "latent_norm": False, **biases}, conv.pairs, conv.qk_nope_head_dim)
+        return attention_error(config, conv.tensors, x, y)
+
+    return error
 
 
 def _source_mlp_step(h: torch.Tensor, state: dict, config, eps: float, chunk: int = 8) -> torch.Tensor:

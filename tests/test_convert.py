@@ -210,6 +210,8 @@ def test_calibration_falls_back_to_model_samples(tmp_path):
         (dict(kv_budget=0.25, rope_dim=7), "even"),
         (dict(kv_budget=0.25, rope_selection="best"), "rope_selection"),
         (dict(kv_budget=0.25, fit_precision="fp8"), "fit_precision"),
+        (dict(kv_budget=0.25, key_weight=0), "key_weight"),
+        (dict(kv_budget=0.25, key_weight="best"), "key_weight"),
         (dict(kv_budget=0.25, calibration=["/nonexistent/calib.txt"]), "does not exist"),
     ],
 )
@@ -334,3 +336,16 @@ def test_covariance_shrinkage_blends_toward_the_diagonal_and_changes_the_convers
     assert plain["layers"][0]["retained_energy"] != shrunk["layers"][0]["retained_energy"]
     with pytest.raises(ValueError, match="covariance_shrinkage"):
         convert(tmp_path / "src", tmp_path / "bad", covariance_shrinkage=-0.1, **common)
+
+
+def test_key_weight_auto_reports_one_candidate_per_layer_and_a_fixed_weight_is_kept(tmp_path):
+    from conversion.convert import KEY_WEIGHTS
+
+    save_source(tmp_path / "src")
+    common = dict(kv_budget=0.25, calibration=[_text(tmp_path)], calibration_seq_len=32, calibration_tokens=512,
+                  fit_steps=2, fit_sequences=4, fit_seq_len=32, progress=False)  # fmt: skip
+    auto = convert(tmp_path / "src", tmp_path / "auto", **common)
+    assert all(layer["key_weight"] in KEY_WEIGHTS for layer in auto["layers"])
+    assert list(auto["settings"]["key_weight"]) == list(KEY_WEIGHTS)  # the candidates
+    fixed = convert(tmp_path / "src", tmp_path / "fixed", key_weight=2, **common)
+    assert fixed["settings"]["key_weight"] == 2.0 and all("key_weight" not in layer for layer in fixed["layers"])

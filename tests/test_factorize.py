@@ -58,3 +58,38 @@ def test_weight_mode_never_builds_identity_statistics_and_gives_the_same_layer(r
     assert got.pairs == want.pairs and got.tensors.keys() == want.tensors.keys()
     for name in got.tensors:
         torch.testing.assert_close(got.tensors[name], want.tensors[name], rtol=1e-9, atol=1e-9)
+
+
+def test_several_key_weights_keep_the_factorization_with_the_least_error():
+    """With candidate key weights, convert_attention returns exactly the conversion that the same plan with the
+    best single weight gives, judged by the caller's error."""
+    g = torch.Generator().manual_seed(2)
+    H, K, D, d = 4, 2, 8, 24
+    wq, wk, wv = (torch.randn(r, d, generator=g) for r in (H * D, K * D, K * D))
+    wo = torch.randn(d, H * D, generator=g)
+    x = torch.randn(64, d, generator=g)
+    sigma = torch.cat([x, torch.ones(64, 1)], 1).double()
+    sigma = sigma.T @ sigma / 64  # (d + 1, d + 1)
+    inv_freq = 1.0 / 1e4 ** (torch.arange(0, D, 2) / D)
+    kw = dict(n_heads=H, n_kv_heads=K, head_dim=D)
+    probe = torch.randn(K * 2 * D, generator=g, dtype=torch.float64)
+
+    def error(conv):  # any fixed function of the layer will do: here, how far kv_b @ kv_a moves a probe direction
+        w = conv.tensors["kv_b_proj.weight"] @ conv.tensors["kv_a_proj_with_mqa.weight"][:6]  # (H * (dn + D), d)
+        return float((w[:, :1].flatten()[: probe.numel()] - probe).pow(2).sum())
+
+    weights = (0.5, 1.0, 4.0, 16.0)
+    single = {w: convert_attention(wq, wk, wv, wo, sigma, inv_freq, AttentionPlan(
+        "shared", rope_dim=4, kv_lora_rank=6, selection="2norm", factorization="activation", key_weight=w), **kw)
+        for w in weights}  # fmt: skip
+    errors = {w: error(c) for w, c in single.items()}
+    assert len(set(errors.values())) == len(weights)  # the weights give different layers
+    plan = AttentionPlan("shared", rope_dim=4, kv_lora_rank=6, selection="2norm", factorization="activation",
+                         key_weight=weights)  # fmt: skip
+    chosen = convert_attention(wq, wk, wv, wo, sigma, inv_freq, plan, error=error, **kw)
+    best = min(errors, key=errors.get)
+    assert chosen.info["key_weight"] == best
+    for name, t in single[best].tensors.items():
+        torch.testing.assert_close(chosen.tensors[name], t, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no error"):
+        convert_attention(wq, wk, wv, wo, sigma, inv_freq, plan, **kw)
