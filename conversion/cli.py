@@ -42,9 +42,9 @@ def _add_convert(sub):
                    help="blend the calibration statistics toward their diagonal by this share, so the conversion "
                    "keeps what the calibration text does not use but other text does; 0: the text's statistics as "
                    "they are")  # fmt: skip
-    p.add_argument("--key-weight", type=_auto_or_float, default="auto", metavar="W",
-                   help="weight of the NoPE keys against the values in the shared latent (1: alike); auto: chosen "
-                   "per layer by the converted attention's error on calibration rows")  # fmt: skip
+    p.add_argument("--key-weight", type=_key_weight, default="auto", metavar="W",
+                   help="weight of the NoPE keys against the values in the shared latent (1: alike); a list such as "
+                   "1,4,16 (auto): chosen per layer by the converted attention's error on calibration rows")  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the source's)")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (only once the new one is done)")
@@ -158,13 +158,14 @@ def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x]
 
 
-def _auto_or_float(s: str):
+def _key_weight(s: str):
     if s == "auto":
         return s
     try:
-        return float(s)
+        weights = [float(x) for x in s.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is neither 'auto' nor a number") from None
+        raise argparse.ArgumentTypeError(f"{s!r} is neither 'auto' nor numbers such as 4 or 1,4,16") from None
+    return weights if len(weights) > 1 else weights[0]
 
 
 def _source(arg):

@@ -8,6 +8,7 @@ the next layer's inputs. Peak memory is one layer plus the calibration hidden st
 import json
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 
 import torch
@@ -80,13 +81,12 @@ def plan_attention(
         raise ValueError(f"rope_selection is {rope_selection!r}; choose 'auto' or one of {STRATEGIES}.")
     if factorization not in ("weight", "activation"):
         raise ValueError(f"factorization is {factorization!r}; choose 'weight' or 'activation'.")
-    if key_weight == "auto":
-        key_weight = KEY_WEIGHTS
-    elif isinstance(key_weight, str) or not key_weight > 0:
-        raise ValueError(f"key_weight is {key_weight!r}; give 'auto' or a positive number (1 weighs keys and values "
-                         "alike).")  # fmt: skip
-    else:
-        key_weight = float(key_weight)
+    weights = KEY_WEIGHTS if key_weight == "auto" else key_weight
+    weights = weights if isinstance(weights, (list, tuple)) else [weights]
+    if not weights or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
+        raise ValueError(f"key_weight is {key_weight!r}; give 'auto', a positive number (1 weighs keys and values "
+                         "alike) or a list of them to choose from per layer.")  # fmt: skip
+    key_weight = tuple(map(float, weights)) if len(weights) > 1 else float(weights[0])
     R = 1 if rope_heads == "shared" else K
     if kv_budget is not None and kv_lora_rank is not None and rope_dim is not None:
         raise ValueError("give either --kv-budget or --kv-lora-rank with --rope-dim, not all three.")
@@ -211,7 +211,7 @@ def convert(
     calibration_tokens: int = CALIBRATION_TOKENS,
     calibration_seq_len: int = CALIBRATION_SEQ_LEN,
     rope_context: int = 2048,
-    key_weight: float | str = "auto",
+    key_weight: float | Sequence[float] | str = "auto",
     attention_weighting: float = 1.0,
     covariance_shrinkage: float = COVARIANCE_SHRINKAGE,
     fit_steps: int = FIT_STEPS,
@@ -250,9 +250,9 @@ def convert(
     `fit_precision`: "auto" runs the fit's training steps under bf16 autocast where bf16 is native (same result on
     SmolLM2-135M, 15% less time), "fp32" never.
     `fit_batch`: calibration sequences per fit step (one: more, smaller steps fit better at equal cost).
-    `key_weight`: how much the shared latent favours the NoPE keys over the values (1: alike). "auto" factorizes
-    each layer with each of KEY_WEIGHTS and keeps the one whose converted attention is closest to the fit's target
-    on KEY_WEIGHT_ROWS calibration rows: the best balance differs by layer and by budget."""
+    `key_weight`: how much the shared latent favours the NoPE keys over the values (1: alike). With a list, each
+    layer is factorized with each weight and keeps the one whose converted attention is closest to the fit's target
+    on KEY_WEIGHT_ROWS calibration rows: the best balance differs by layer and by budget. "auto": KEY_WEIGHTS."""
     t0 = time.time()
     if fit_target not in ("local", "stream"):
         raise ValueError(f"fit_target is {fit_target!r}; choose 'local' or 'stream'.")

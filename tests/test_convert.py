@@ -349,3 +349,10 @@ def test_key_weight_auto_reports_one_candidate_per_layer_and_a_fixed_weight_is_k
     assert list(auto["settings"]["key_weight"]) == list(KEY_WEIGHTS)  # the candidates
     fixed = convert(tmp_path / "src", tmp_path / "fixed", key_weight=2, **common)
     assert fixed["settings"]["key_weight"] == 2.0 and all("key_weight" not in layer for layer in fixed["layers"])
+    args = ["convert", str(tmp_path / "src"), str(tmp_path / "cli"), "--kv-budget", "0.25", "--calibration",
+            _text(tmp_path), "--calibration-tokens", "512", "--calibration-seq-len", "32", "--fit-steps", "0"]
+    assert cli_main([*args, "--key-weight", "1,8"]) == 0
+    report = json.loads((tmp_path / "cli" / "conversion_report.json").read_text())
+    assert report["settings"]["key_weight"] == [1.0, 8.0] and {l["key_weight"] for l in report["layers"]} <= {1.0, 8.0}
+    with pytest.raises(SystemExit):  # argparse: "'x' is neither 'auto' nor numbers such as 4 or 1,4,16"
+        cli_main([*args, "--overwrite", "--key-weight", "x"])
