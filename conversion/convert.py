@@ -328,7 +328,7 @@ def convert(
                     weight = (1 - attention_weighting) + attention_weighting * received
                 sigma = input_covariance(h, ln1.float(), eps, token_weight=weight, shrinkage=covariance_shrinkage)
             error = None
-            if needs_stats and isinstance(plan.key_weight, tuple):
+            if plan.factorization == "activation" and isinstance(plan.key_weight, tuple):  # weight mode: no choice
                 error = _candidate_error(h, h_src if fit_steps and fit_target == "stream" else None, ln1.float(), eps,
                                          wf, base_kwargs, rows=KEY_WEIGHT_ROWS, seq_len=fit_seq_len, source=dict(
                                              n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
@@ -424,6 +424,7 @@ def _candidate_error(h, h_src, ln_weight, eps, wf, base_kwargs, *, rows, seq_len
     """The error by which `convert_attention` chooses among factorizations: the converted attention on the first
     calibration rows against the fit's target there (the source attention on the source stream plus the drift, when
     `h_src` is the source stream; else on the converted stream's own inputs)."""
+    rows = rows if h_src is None else min(rows, h_src.shape[0])  # the source stream holds only the fit's rows
     h_rows = h[:rows, :seq_len]
     x = rms_norm(h_rows, ln_weight, eps)  # (rows, T, d)
     with torch.no_grad():

@@ -343,8 +343,8 @@ def test_key_weight_auto_reports_one_candidate_per_layer_and_a_fixed_weight_is_k
 
     save_source(tmp_path / "src")
     common = dict(kv_budget=0.25, calibration=[_text(tmp_path)], calibration_seq_len=32, calibration_tokens=512,
-                  fit_steps=2, fit_sequences=4, fit_seq_len=32, progress=False)  # fmt: skip
-    auto = convert(tmp_path / "src", tmp_path / "auto", **common)
+                  fit_steps=2, fit_sequences=2, fit_seq_len=32, progress=False)  # fmt: skip
+    auto = convert(tmp_path / "src", tmp_path / "auto", **common)  # 2 fit rows: fewer than the choice reads
     assert all(layer["key_weight"] in KEY_WEIGHTS for layer in auto["layers"])
     assert list(auto["settings"]["key_weight"]) == list(KEY_WEIGHTS)  # the candidates
     fixed = convert(tmp_path / "src", tmp_path / "fixed", key_weight=2, **common)
