@@ -308,6 +308,8 @@ def convert(
 
     layers_report = []
     eps = cfg.rms_norm_eps
+    # the source layers' shape and RoPE, as the source-attention helpers take them (the same for every layer)
+    source_layer = dict(n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq, attention_factor=attention_factor)
     n_layers = cfg.num_hidden_layers
     layer_bytes = [sum(src.nbytes(n) for n in names if n.startswith(f"model.layers.{i}.")) for i in range(n_layers)]
     with atomic_output_dir(output_dir, overwrite) as tmp:
@@ -323,16 +325,14 @@ def convert(
             if needs_stats:
                 weight = None
                 if attention_weighting:  # received attention has mean 1, so this blends the two covariances
-                    received = attention_received(h, ln1.float(), eps, wf, n_heads=H, n_kv_heads=K, head_dim=D,
-                                                  inv_freq=inv_freq, attention_factor=attention_factor)  # fmt: skip
+                    received = attention_received(h, ln1.float(), eps, wf, **source_layer)
                     weight = (1 - attention_weighting) + attention_weighting * received
                 sigma = input_covariance(h, ln1.float(), eps, token_weight=weight, shrinkage=covariance_shrinkage)
             error = None
             if plan.factorization == "activation" and isinstance(plan.key_weight, tuple):  # weight mode: no choice
                 error = _candidate_error(h, h_src if fit_steps and fit_target == "stream" else None, ln1.float(), eps,
-                                         wf, base_kwargs, rows=KEY_WEIGHT_ROWS, seq_len=fit_seq_len, source=dict(
-                                             n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
-                                             attention_factor=attention_factor))  # fmt: skip
+                                         wf, base_kwargs, rows=KEY_WEIGHT_ROWS, seq_len=fit_seq_len,
+                                         source_layer=source_layer)  # fmt: skip
             conv = convert_attention(
                 get["q_proj.weight"], get["k_proj.weight"], get["v_proj.weight"], get["o_proj.weight"],
                 sigma, inv_freq, plan,
@@ -356,18 +356,16 @@ def convert(
                     h_fit = h[:fit_sequences, :fit_seq_len]
                     x = rms_norm(h_fit, ln1.float(), eps)
                     with torch.no_grad():
-                        source = dict(n_heads=H, n_kv_heads=K, head_dim=D, inv_freq=inv_freq,
-                                      attention_factor=attention_factor)  # fmt: skip
                         if fit_target == "stream":
                             if h_src is None:
                                 h_src = h_fit.clone()
-                            a_src = source_attention(rms_norm(h_src, ln1.float(), eps), wf, **source)
+                            a_src = source_attention(rms_norm(h_src, ln1.float(), eps), wf, **source_layer)
                             # the attention output that puts the converted stream back on the source's
                             y = torch.sub(h_src, h_fit).add_(a_src)
                             h_src = _source_mlp_step(h_src.add_(a_src), state, lcfg, eps)
                             del a_src
                         else:
-                            y = source_attention(x, wf, **source)
+                            y = source_attention(x, wf, **source_layer)
                     fit = fit_attention(lcfg, state, x, y, steps=fit_steps, lr=fit_lr, batch=fit_batch, bf16=fit_bf16)
                     del h_fit, x, y
                 h = run_layer(lcfg, state, h, out=h)
@@ -420,7 +418,7 @@ def convert(
     return report
 
 
-def _candidate_error(h, h_src, ln_weight, eps, wf, base_kwargs, *, rows, seq_len, source):
+def _candidate_error(h, h_src, ln_weight, eps, wf, base_kwargs, *, rows, seq_len, source_layer):
     """The error by which `convert_attention` chooses among factorizations: the converted attention on the first
     calibration rows against the fit's target there (the source attention on the source stream plus the drift, when
     `h_src` is the source stream; else on the converted stream's own inputs)."""
@@ -429,9 +427,10 @@ def _candidate_error(h, h_src, ln_weight, eps, wf, base_kwargs, *, rows, seq_len
     x = rms_norm(h_rows, ln_weight, eps)  # (rows, T, d)
     with torch.no_grad():
         if h_src is None:
-            y = source_attention(x, wf, **source)
+            y = source_attention(x, wf, **source_layer)
         else:
-            y = source_attention(rms_norm(h_src[:rows], ln_weight, eps), wf, **source).add_(h_src[:rows]).sub_(h_rows)
+            y = source_attention(rms_norm(h_src[:rows], ln_weight, eps), wf, **source_layer)
+            y.add_(h_src[:rows]).sub_(h_rows)  # the fit's stream target: the source attention plus the drift
 
     def error(conv) -> float:  # as converted: --target deepseek adds its latent norm and drops biases after the choice
         modules = {"q_proj": "q_proj", "kv_a_proj": "kv_a_proj_with_mqa", "kv_b_proj": "kv_b_proj", "o_proj": "o_proj"}
